@@ -1,0 +1,40 @@
+"""Machinery shared by the ops: the token loop of the references and impl dispatch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from seqjax.scan import segment_starts
+
+
+def scan_tokens(
+    step: Callable[[Any, tuple[jax.Array, Any]], tuple[Any, Any]],
+    initial_state: Any,
+    inputs: Any,
+    segment_ids: jax.Array | None,
+) -> tuple[Any, Any]:
+    """The token loop of a reference: `lax.scan` over axis 1 of every leaf of `inputs`.
+
+    `step(state, (start_t, inputs_t)) -> (state, output_t)`, where `start_t: [B]` is True where
+    token t opens a new segment (the step resets its state there). Returns `(outputs, final)`
+    with outputs batch-major `[B, T, ...]`.
+    """
+    leaves = jax.tree.leaves(inputs)
+    batch, length = leaves[0].shape[:2]
+    if segment_ids is None:
+        starts = jnp.zeros((batch, length), bool)
+    else:
+        starts = segment_starts(segment_ids)
+    time_major = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), (starts, inputs))
+    final, outputs = lax.scan(step, initial_state, time_major)
+    return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), outputs), final
+
+
+def reset(start: jax.Array, state: jax.Array) -> jax.Array:
+    """Zeros the rows of `state: [B, ...]` where `start: [B]` is True."""
+    return jnp.where(start.reshape(-1, *([1] * (state.ndim - 1))), jnp.zeros_like(state), state)
