@@ -1,1 +1,1 @@
-"""Ops: pure functions `(inputs, gates, initial_state) -> (output, final_state)`, a module a family."""
+"""Ops: pure functions `(inputs, gates, initial_state) -> (output, final_state)`."""
