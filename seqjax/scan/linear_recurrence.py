@@ -2,14 +2,15 @@
 
 Three algorithms compute the same thing over axis 1 of `[B, T, ...]` arrays:
 
-- `"sequential"`: a `lax.scan` over tokens; T dependent steps.
+- `"sequential"`: a loop over tokens; T dependent steps on `[B, ...]` slices.
 - `"associative"`: `lax.associative_scan` with `(a1, b1) . (a2, b2) = (a2 a1, a2 b1 + b2)`;
   about 2 log2(T) steps but O(T log T) work and memory.
-- `"chunked"`: the sequence is cut into chunks of `chunk_size` tokens. A scan over the C
-  positions of a chunk runs on all chunks at once, from a zero state, and also accumulates the
-  decay products `A_t = a_t ... a_first`; a short scan over the T / C chunk summaries then gives
-  the state entering each chunk, and `h_t = h_t^local + A_t * h_entering`. C + T / C dependent
-  steps on arrays T / C times wider than the sequential scan's, with O(B T D) memory.
+- `"chunked"`: the sequence is cut into chunks of `chunk_size` tokens. A loop over the C
+  positions of a chunk runs on all chunks at once from a zero state and keeps each chunk's
+  summary (decay product, end state); a short scan over the T / C summaries gives the state
+  entering each chunk; a second loop over the C positions reruns every chunk from its entering
+  state. 2 C + T / C dependent steps on arrays T / C times wider than the sequential loop's,
+  O(B T D) memory, and no per-token decay products.
 
 All three share one `jax.custom_vjp`: the gradient of a linear recurrence is the reversed
 linear recurrence `lam_t = a_{t+1} lam_{t+1} + dL/dh_t`, with `dL/db_t = lam_t`,
@@ -103,63 +104,75 @@ def linear_recurrence(
     out_dtype = jnp.promote_types(b.dtype, jnp.complex64) if jnp.iscomplexobj(a) else b.dtype
     a, b = a.astype(acc), b.astype(acc)
     h0 = jnp.zeros((batch, *b.shape[2:]), acc) if h0 is None else h0.astype(acc)
-    if reverse:
-        a, b = jnp.flip(a, 1), jnp.flip(b, 1)
-        segment_ids = None if segment_ids is None else jnp.flip(segment_ids, 1)
     if segment_ids is not None:
-        starts = segment_starts(segment_ids).reshape(batch, length, *([1] * (b.ndim - 2)))
-        a = jnp.where(starts, jnp.zeros_like(a), a)
+        # The link into a segment's first token (its last, when reversed) is cut.
+        changed = segment_ids[:, 1:] != segment_ids[:, :-1]
+        cut = jnp.pad(changed, ((0, 0), (0, 1) if reverse else (1, 0)))
+        a = jnp.where(cut.reshape(batch, length, *([1] * (b.ndim - 2))), jnp.zeros_like(a), a)
     algorithm = "chunked" if impl == "auto" else impl
-    h, h_last = _recurrence(algorithm, chunk_size, a, b, h0)
-    if reverse:
-        h = jnp.flip(h, 1)
+    h, h_last = _recurrence(algorithm, chunk_size, reverse, a, b, h0)
     return h.astype(out_dtype), h_last
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _recurrence(
-    algorithm: str, chunk_size: int, a: jax.Array, b: jax.Array, h0: jax.Array
+    algorithm: str, chunk_size: int, reverse: bool, a: jax.Array, b: jax.Array, h0: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """`(h, h_last)` for same-shape, same-dtype `a, b: [B, T, ...]`, `h0: [B, ...]`."""
     if algorithm == "sequential":
-        h = _sequential(a, b, h0)
+        h = _sequential(a, b, h0, reverse)
     elif algorithm == "associative":
-        h = _associative(a, b, h0)
+        h = _associative(a, b, h0, reverse)
     else:
-        h = _chunked(a, b, h0, chunk_size)
-    return h, h[:, -1]
+        h = _chunked(a, b, h0, chunk_size, reverse)
+    return h, h[:, 0] if reverse else h[:, -1]
 
 
-def _recurrence_fwd(algorithm, chunk_size, a, b, h0):
-    h, h_last = _recurrence(algorithm, chunk_size, a, b, h0)
+def _recurrence_fwd(algorithm, chunk_size, reverse, a, b, h0):
+    h, h_last = _recurrence(algorithm, chunk_size, reverse, a, b, h0)
     return (h, h_last), (a, h, h0)
 
 
-def _recurrence_bwd(algorithm, chunk_size, residuals, cotangents):
+def _recurrence_bwd(algorithm, chunk_size, reverse, residuals, cotangents):
     a, h, h0 = residuals
     dh, dh_last = cotangents
-    dh = dh.at[:, -1].add(dh_last)
-    # lam_t = a_{t+1} lam_{t+1} + dh_t, run forward on the time-reversed arrays.
-    a_next = jnp.concatenate([a[:, 1:], jnp.zeros_like(a[:, :1])], axis=1)
-    lam, _ = _recurrence(
-        algorithm, chunk_size, jnp.flip(a_next, 1), jnp.flip(dh, 1), jnp.zeros_like(h0)
-    )
-    lam = jnp.flip(lam, 1)
-    h_prev = jnp.concatenate([h0[:, None], h[:, :-1]], axis=1)
-    return lam * h_prev, lam, a[:, 0] * lam[:, 0]
+    zero = jnp.zeros_like(a[:, :1])
+    if reverse:
+        # Mirror image of the forward case below: lam_t = a_{t-1} lam_{t-1} + dh_t.
+        dh = dh.at[:, 0].add(dh_last)
+        a_next = jnp.concatenate([zero, a[:, :-1]], axis=1)
+        h_prev = jnp.concatenate([h[:, 1:], h0[:, None]], axis=1)
+        first = -1
+    else:
+        dh = dh.at[:, -1].add(dh_last)
+        a_next = jnp.concatenate([a[:, 1:], zero], axis=1)
+        h_prev = jnp.concatenate([h0[:, None], h[:, :-1]], axis=1)
+        first = 0
+    # lam_t = a_{t+1} lam_{t+1} + dh_t: the same recurrence run in the other direction.
+    lam, _ = _recurrence(algorithm, chunk_size, not reverse, a_next, dh, jnp.zeros_like(h0))
+    return lam * h_prev, lam, a[:, first] * lam[:, first]
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
-def _sequential(a: jax.Array, b: jax.Array, h0: jax.Array) -> jax.Array:
-    def step(h, inputs):
-        a_t, b_t = inputs
-        h = a_t * h + b_t
-        return h, h
+def _time_index(t: jax.Array, length: int, reverse: bool) -> jax.Array:
+    return length - 1 - t if reverse else t
 
-    _, h = lax.scan(step, h0, (jnp.moveaxis(a, 1, 0), jnp.moveaxis(b, 1, 0)))
-    return jnp.moveaxis(h, 0, 1)
+
+def _sequential(a: jax.Array, b: jax.Array, h0: jax.Array, reverse: bool) -> jax.Array:
+    length = b.shape[1]
+
+    # Indexing axis 1 in place (rather than `lax.scan` over a transposed copy) saves two passes
+    # over memory.
+    def step(t, carry):
+        h, out = carry
+        t = _time_index(t, length, reverse)
+        h = lax.dynamic_index_in_dim(a, t, 1, False) * h + lax.dynamic_index_in_dim(b, t, 1, False)
+        return h, lax.dynamic_update_index_in_dim(out, h, t, 1)
+
+    _, h = lax.fori_loop(0, length, step, (h0, jnp.zeros_like(b)))
+    return h
 
 
 def _combine(left, right):
@@ -168,13 +181,23 @@ def _combine(left, right):
     return a_right * a_left, a_right * b_left + b_right
 
 
-def _associative(a: jax.Array, b: jax.Array, h0: jax.Array) -> jax.Array:
-    b = b.at[:, 0].add(a[:, 0] * h0)
-    _, h = lax.associative_scan(_combine, (a, b), axis=1)
+def _associative(a: jax.Array, b: jax.Array, h0: jax.Array, reverse: bool) -> jax.Array:
+    first = -1 if reverse else 0
+    b = b.at[:, first].add(a[:, first] * h0)
+    _, h = lax.associative_scan(_combine, (a, b), axis=1, reverse=reverse)
     return h
 
 
-def _chunked(a: jax.Array, b: jax.Array, h0: jax.Array, chunk_size: int) -> jax.Array:
+def _chunked(
+    a: jax.Array, b: jax.Array, h0: jax.Array, chunk_size: int, reverse: bool
+) -> jax.Array:
+    """Two passes over chunks of C tokens, each a loop of C steps over all chunks at once.
+
+    Pass 1 runs every chunk from a zero state and keeps only its summary: the decay product
+    and the end state. A scan over the T / C summaries gives the state entering each chunk.
+    Pass 2 reruns every chunk from its entering state and writes `h`. Reading `a` and `b`
+    twice costs less than writing and re-reading per-token decay products.
+    """
     batch, length = b.shape[:2]
     feature_shape = b.shape[2:]
     size = min(chunk_size, length)
@@ -182,30 +205,39 @@ def _chunked(a: jax.Array, b: jax.Array, h0: jax.Array, chunk_size: int) -> jax.
     pad = num_chunks * size - length
     if pad:
         # a = 1, b = 0 carries the state through the padding unchanged.
-        widths = ((0, 0), (0, pad)) + ((0, 0),) * len(feature_shape)
+        widths = ((0, 0), (pad, 0) if reverse else (0, pad)) + ((0, 0),) * len(feature_shape)
         a = jnp.pad(a, widths, constant_values=1)
         b = jnp.pad(b, widths)
+    a = a.reshape(batch, num_chunks, size, *feature_shape)
+    b = b.reshape(batch, num_chunks, size, *feature_shape)
 
-    def to_chunk_major(x):  # [B, N*C, ...] -> [C, B, N, ...]
-        return jnp.moveaxis(x.reshape(batch, num_chunks, size, *feature_shape), 2, 0)
+    def at(x, t):
+        return lax.dynamic_index_in_dim(x, _time_index(t, size, reverse), 2, False)
 
-    def within_chunk(carry, inputs):
+    def summarize(t, carry):
         decay, h = carry
-        a_t, b_t = inputs
-        return (a_t * decay, a_t * h + b_t), (a_t * decay, a_t * h + b_t)
+        a_t = at(a, t)
+        return a_t * decay, a_t * h + at(b, t)
 
     zeros = jnp.zeros((batch, num_chunks, *feature_shape), b.dtype)
-    (chunk_decay, chunk_state), (decay, h_local) = lax.scan(
-        within_chunk, (jnp.ones_like(zeros), zeros), (to_chunk_major(a), to_chunk_major(b))
-    )
+    chunk_decay, chunk_state = lax.fori_loop(0, size, summarize, (jnp.ones_like(zeros), zeros))
 
-    def across_chunks(h, inputs):
-        decay_n, state_n = inputs
+    def enter(h, summary):
+        decay_n, state_n = summary
         return decay_n * h + state_n, h
 
     _, h_entering = lax.scan(
-        across_chunks, h0, (jnp.moveaxis(chunk_decay, 1, 0), jnp.moveaxis(chunk_state, 1, 0))
+        enter,
+        h0,
+        (jnp.moveaxis(chunk_decay, 1, 0), jnp.moveaxis(chunk_state, 1, 0)),
+        reverse=reverse,
     )
-    h = h_local + decay * jnp.moveaxis(h_entering, 0, 1)[None]
-    h = jnp.moveaxis(h, 0, 2).reshape(batch, num_chunks * size, *feature_shape)
-    return h[:, :length]
+
+    def run(t, carry):
+        h, out = carry
+        h = at(a, t) * h + at(b, t)
+        return h, lax.dynamic_update_index_in_dim(out, h, _time_index(t, size, reverse), 2)
+
+    _, h = lax.fori_loop(0, size, run, (jnp.moveaxis(h_entering, 0, 1), jnp.zeros_like(b)))
+    h = h.reshape(batch, num_chunks * size, *feature_shape)
+    return h[:, pad:] if reverse else h[:, :length]
