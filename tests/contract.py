@@ -290,6 +290,8 @@ class OpContract:
                 ),
             )
 
+            # jit: check_grads evaluates the loss many times; compile it once.
+            @jax.jit
             def loss(inputs, state):
                 out = self.spec.apply(inputs, state, problem.segment_ids, "reference")
                 return weighted_sum(out, weights)
