@@ -28,6 +28,9 @@ _CHECKIFY = contextvars.ContextVar("seqjax_checkify_values", default=False)
 def checkify_values() -> Iterator[None]:
     """Within this context, value checks traced under `jit` become `checkify` checks.
 
+    The mode is read when a function is traced: a function jitted inside the context keeps its
+    checks when called later (and one jitted outside has none).
+
     Example::
 
         with seqjax.checks.checkify_values():

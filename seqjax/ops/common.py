@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from seqjax.scan import segment_starts
+
+# The impls of an op whose fast path is one call of the scan layer: its token-loop reference,
+# or any of the scan layer's algorithms (`"auto"` is the scan layer's choice for the backend).
+ScanOpImpl = Literal["auto", "reference", "sequential", "associative", "chunked"]
+SCAN_OP_IMPLS: tuple[str, ...] = ("auto", "reference", "sequential", "associative", "chunked")
 
 
 def scan_tokens(

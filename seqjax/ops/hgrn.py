@@ -8,17 +8,13 @@ and folds `1 - f_t` into `x_t`); everything is elementwise over `D` channels.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import jax
 import jax.numpy as jnp
 
 from seqjax import checks
-from seqjax.ops.common import reset, scan_tokens
+from seqjax.ops.common import SCAN_OP_IMPLS, ScanOpImpl, reset, scan_tokens
 from seqjax.scan import linear_recurrence
 from seqjax.scan.linear_recurrence import DEFAULT_CHUNK_SIZE, accumulation_dtype
-
-HGRNImpl = Literal["auto", "reference", "chunked", "associative"]
 
 
 def hgrn(
@@ -27,7 +23,7 @@ def hgrn(
     initial_state: jax.Array | None = None,
     *,
     segment_ids: jax.Array | None = None,
-    impl: HGRNImpl = "auto",
+    impl: ScanOpImpl = "auto",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[jax.Array, jax.Array]:
     """HGRN recurrence over `x, g: [B, T, D]`; returns `(o [B, T, D], final_state [B, D])`.
@@ -37,8 +33,9 @@ def hgrn(
       g: log forget gates `[B, T, D]`, `g <= 0` (checked when concrete).
       initial_state: `[B, D]`; None means zeros.
       segment_ids: `[B, T]` ints; the state restarts at every new segment.
-      impl: `"reference"` (token loop), `"chunked"` / `"associative"` (the scan layer's
-        algorithms, with its recurrence-as-gradient `custom_vjp`), `"auto"` (= `"chunked"`).
+      impl: `"reference"` (token loop), or one of the scan layer's algorithms
+        (`"sequential"`, `"associative"`, `"chunked"`, `"auto"`), which share its
+        recurrence-as-gradient `custom_vjp`.
       chunk_size: chunk length of `"chunked"`.
 
     Returns:
@@ -52,7 +49,7 @@ def hgrn(
     if initial_state is not None:
         dims.check("initial_state", initial_state, "B D")
     checks.check_segment_ids(segment_ids, *x.shape[:2])
-    checks.check_choice("impl", impl, ("auto", "reference", "chunked", "associative"))
+    checks.check_choice("impl", impl, SCAN_OP_IMPLS)
     checks.check_values("g", g <= 0, "log forget gates g <= 0")
     if impl == "reference":
         return _hgrn_reference(x, g, initial_state, segment_ids)
@@ -61,7 +58,7 @@ def hgrn(
         x,
         initial_state,
         segment_ids=segment_ids,
-        impl="chunked" if impl == "auto" else impl,
+        impl=impl,
         chunk_size=chunk_size,
     )
     return h.astype(x.dtype), final

@@ -12,17 +12,13 @@ With the exponential parameterization of the paper (section 3.3):
 
 from __future__ import annotations
 
-from typing import Literal
-
 import jax
 import jax.numpy as jnp
 
 from seqjax import checks
-from seqjax.ops.common import reset, scan_tokens
+from seqjax.ops.common import SCAN_OP_IMPLS, ScanOpImpl, reset, scan_tokens
 from seqjax.scan import linear_recurrence
 from seqjax.scan.linear_recurrence import DEFAULT_CHUNK_SIZE, accumulation_dtype
-
-LRUImpl = Literal["auto", "reference", "chunked", "associative"]
 
 
 def lru(
@@ -36,7 +32,7 @@ def lru(
     initial_state: jax.Array | None = None,
     *,
     segment_ids: jax.Array | None = None,
-    impl: LRUImpl = "auto",
+    impl: ScanOpImpl = "auto",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[jax.Array, jax.Array]:
     """LRU over `x: [B, T, H]`; returns `(y [B, T, H], final_state [B, N] complex64)`.
@@ -50,7 +46,8 @@ def lru(
       gamma_log: `[N]` log input normalization, or None for `sqrt(1 - |lambda|^2)`.
       initial_state: complex `[B, N]`; None means zeros.
       segment_ids: `[B, T]` ints; the state restarts at every new segment.
-      impl: `"reference"` (token loop), `"chunked"` / `"associative"` (scan layer), `"auto"`.
+      impl: `"reference"` (token loop), or one of the scan layer's algorithms
+        (`"sequential"`, `"associative"`, `"chunked"`, `"auto"`).
       chunk_size: chunk length of `"chunked"`.
     """
     dims = checks.Dims()
@@ -72,7 +69,7 @@ def lru(
     if initial_state is not None:
         dims.check("initial_state", initial_state, "B N")
     checks.check_segment_ids(segment_ids, *x.shape[:2])
-    checks.check_choice("impl", impl, ("auto", "reference", "chunked", "associative"))
+    checks.check_choice("impl", impl, SCAN_OP_IMPLS)
     if impl == "reference":
         return _lru_reference(x, nu_log, theta_log, B, C, D, gamma_log, initial_state, segment_ids)
 
@@ -83,7 +80,7 @@ def lru(
         u,
         initial_state,
         segment_ids=segment_ids,
-        impl="chunked" if impl == "auto" else impl,
+        impl=impl,
         chunk_size=chunk_size,
     )
     return _readout(h, x, C, D), final

@@ -16,17 +16,14 @@ that `a -> 1` cannot produce infinite gradients in bfloat16.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import jax
 import jax.numpy as jnp
 
 from seqjax import checks
-from seqjax.ops.common import reset, scan_tokens
+from seqjax.ops.common import SCAN_OP_IMPLS, ScanOpImpl, reset, scan_tokens
 from seqjax.scan import linear_recurrence, segment_starts
 from seqjax.scan.linear_recurrence import DEFAULT_CHUNK_SIZE, accumulation_dtype
 
-RGLRUImpl = Literal["auto", "reference", "chunked", "associative"]
 MAX_SQRT_GRADIENT = 1000.0
 
 
@@ -52,7 +49,7 @@ def rg_lru(
     *,
     segment_ids: jax.Array | None = None,
     c: float = 8.0,
-    impl: RGLRUImpl = "auto",
+    impl: ScanOpImpl = "auto",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[jax.Array, jax.Array]:
     """RG-LRU over `x: [B, T, D]`; returns `(h [B, T, D], final_state [B, D])`.
@@ -65,7 +62,8 @@ def rg_lru(
       initial_state: `[B, D]`; None means zeros and that position 0 opens a segment.
       segment_ids: `[B, T]` ints; the state restarts at every new segment.
       c: the fixed scale of the gate exponent (8 in Griffin).
-      impl: `"reference"` (token loop), `"chunked"` / `"associative"` (scan layer), `"auto"`.
+      impl: `"reference"` (token loop), or one of the scan layer's algorithms
+        (`"sequential"`, `"associative"`, `"chunked"`, `"auto"`).
       chunk_size: chunk length of `"chunked"`.
 
     Returns:
@@ -80,7 +78,7 @@ def rg_lru(
     if initial_state is not None:
         dims.check("initial_state", initial_state, "B D")
     checks.check_segment_ids(segment_ids, *x.shape[:2])
-    checks.check_choice("impl", impl, ("auto", "reference", "chunked", "associative"))
+    checks.check_choice("impl", impl, SCAN_OP_IMPLS)
     if impl == "reference":
         return _rg_lru_reference(x, gate_x, gate_a, a_param, initial_state, segment_ids, c)
 
@@ -96,7 +94,7 @@ def rg_lru(
         normalized_x,
         initial_state,
         segment_ids=segment_ids,
-        impl="chunked" if impl == "auto" else impl,
+        impl=impl,
         chunk_size=chunk_size,
     )
     return h.astype(x.dtype), final

@@ -35,7 +35,7 @@ import numpy as np
 from jax import lax
 
 from seqjax import checks
-from seqjax.ops.common import reset, scan_tokens
+from seqjax.ops.common import SCAN_OP_IMPLS, ScanOpImpl, reset, scan_tokens
 from seqjax.scan import linear_recurrence
 from seqjax.scan.linear_recurrence import DEFAULT_CHUNK_SIZE, accumulation_dtype
 
@@ -45,8 +45,6 @@ Discretization = Literal["zoh", "bilinear"]
 DISCRETIZATIONS: tuple[str, ...] = ("zoh", "bilinear")
 S4DImpl = Literal["auto", "reference", "fft", "recurrent"]
 S4D_IMPLS: tuple[str, ...] = ("auto", "reference", "fft", "recurrent")
-S5Impl = Literal["auto", "reference", "associative", "chunked"]
-S5_IMPLS: tuple[str, ...] = ("auto", "reference", "associative", "chunked")
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -401,7 +399,7 @@ def s4d(
       initial_state: `[B, H, N]` complex; None means zeros.
       segment_ids: `[B, T]` ints; the state restarts at every new segment.
       discretization: `"zoh"` (S4D's default) or `"bilinear"`.
-      impl: `"reference"` (token loop); `"recurrent"` (the scan layer's chunked recurrence
+      impl: `"reference"` (token loop); `"recurrent"` (the scan layer's recurrence
         over the `[B, T, H, N]` states, then the contraction with C); `"fft"` (the
         convolution view: `s4d_kernel` then `ssm_convolution`, and the final state as one
         weighted sum `x_T = sum_k Abar^(T-1-k) Bbar u_k`; it holds the powers `[H, N, T]`
@@ -508,7 +506,7 @@ def _s4d_recurrent(u, Abar, Bbar, C, h0, segment_ids, chunk_size):
         Bbar * u[..., None],
         h0,
         segment_ids=segment_ids,
-        impl="chunked",
+        impl="auto",
         chunk_size=chunk_size,
     )
     return _s4d_readout(states, C), final
@@ -555,7 +553,7 @@ def s5(
     *,
     segment_ids: jax.Array | None = None,
     discretization: Discretization = "zoh",
-    impl: S5Impl = "auto",
+    impl: ScanOpImpl = "auto",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[jax.Array, jax.Array]:
     """S5 (Smith et al., 2023): one multi-input multi-output diagonal SSM over all channels.
@@ -578,8 +576,8 @@ def s5(
       initial_state: `[B, N]` complex; None means zeros.
       segment_ids: `[B, T]` ints.
       discretization: `"zoh"` (S5's default) or `"bilinear"`.
-      impl: `"reference"` (token loop), `"associative"` (parallel scan, S5's algorithm),
-        `"chunked"` (the scan layer's chunked recurrence), `"auto"` (= `"chunked"`).
+      impl: `"reference"` (token loop), or one of the scan layer's algorithms:
+        `"associative"` (the parallel scan of S5), `"sequential"`, `"chunked"`, `"auto"`.
       chunk_size: chunk length of `"chunked"`.
 
     Returns:
@@ -596,7 +594,7 @@ def s5(
         checks.check_floating("initial_state", initial_state, allow_complex=True)
     checks.check_segment_ids(segment_ids, *u.shape[:2])
     checks.check_choice("discretization", discretization, DISCRETIZATIONS)
-    checks.check_choice("impl", impl, S5_IMPLS)
+    checks.check_choice("impl", impl, SCAN_OP_IMPLS)
     checks.check_positive("chunk_size", chunk_size)
 
     complex_dtype, real_dtype = _compute_dtypes(u, Lambda, B, C, dt)
@@ -612,7 +610,7 @@ def s5(
             jnp.einsum("bti,ni->btn", u_acc.astype(complex_dtype), Bbar, precision=_HIGHEST),
             h0,
             segment_ids=segment_ids,
-            impl="chunked" if impl == "auto" else impl,
+            impl=impl,
             chunk_size=chunk_size,
         )
         y = _s5_readout(states, C)

@@ -42,7 +42,7 @@ class TestLRU(OpContract):
         make_state=lambda key, batch: complex_normal(key, (batch, N)).astype(jnp.complex64),
         step=lambda i, s: lru_step(*args(i), s),
         time_inputs=frozenset({"x"}),
-        impls=("chunked", "associative"),
+        impls=("sequential", "chunked"),
         chunk_size=16,
     )
 

@@ -42,7 +42,7 @@ class TestRGLRU(OpContract):
         make_state=lambda key, batch: jax.random.normal(key, (batch, D)),
         step=step,
         time_inputs=frozenset({"x", "gate_x", "gate_a"}),
-        impls=("chunked", "associative"),
+        impls=("sequential", "chunked"),
         chunk_size=16,
     )
 
