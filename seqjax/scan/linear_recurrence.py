@@ -148,6 +148,8 @@ def _recurrence_fwd(algorithm, chunk_size, reverse, a, b, h0):
 def _recurrence_bwd(algorithm, chunk_size, reverse, residuals, cotangents):
     a, h, h0 = residuals
     dh, dh_last = cotangents
+    if algorithm == "sequential":
+        return _sequential_adjoint(a, h, h0, dh, dh_last, reverse)
     zero = jnp.zeros_like(a[:, :1])
     if reverse:
         # Mirror image of the forward case below: lam_t = a_{t-1} lam_{t-1} + dh_t.
@@ -185,6 +187,30 @@ def _sequential(a: jax.Array, b: jax.Array, h0: jax.Array, reverse: bool) -> jax
 
     _, h = lax.fori_loop(0, length, step, (h0, jnp.zeros_like(b)))
     return h
+
+
+def _sequential_adjoint(a, h, h0, dh, dh_last, reverse):
+    """The backward pass of `_sequential` as one loop against the recurrence's direction:
+    `lam_t = dh_t + a_next lam_next`, `db_t = lam_t`, `da_t = lam_t h_prev`, where `next` and
+    `prev` are the neighbours of t in the recurrence's order (`h_prev = h0` at its first token).
+    Fusing the three saves the passes over memory that shifting `a` and `h` would cost."""
+    length = a.shape[1]
+    first, last = (length - 1, 0) if reverse else (0, length - 1)
+
+    def step(i, carry):
+        lam, da, db = carry
+        t = i if reverse else length - 1 - i
+        nxt = jnp.clip(t + (-1 if reverse else 1), 0, length - 1)
+        prv = jnp.clip(t + (1 if reverse else -1), 0, length - 1)
+        # Entering the last token, lam carries dL/dh_last with a weight of 1.
+        a_next = jnp.where(t == last, 1.0, lax.dynamic_index_in_dim(a, nxt, 1, False))
+        lam = lax.dynamic_index_in_dim(dh, t, 1, False) + a_next * lam
+        h_prev = jnp.where(t == first, h0, lax.dynamic_index_in_dim(h, prv, 1, False))
+        da = lax.dynamic_update_index_in_dim(da, lam * h_prev, t, 1)
+        return lam, da, lax.dynamic_update_index_in_dim(db, lam, t, 1)
+
+    lam, da, db = lax.fori_loop(0, length, step, (dh_last, jnp.zeros_like(a), jnp.zeros_like(dh)))
+    return da, db, a[:, first] * lam
 
 
 def _combine(left, right):
