@@ -47,7 +47,8 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 
 def fmt_rate(tokens: int, seconds: float) -> str:
-    return f"{tokens / seconds / 1e6:.2f}M"
+    """Tokens per second, in thousands with three significant digits."""
+    return f"{tokens / seconds / 1e3:.3g}k"
 
 
 def fmt_bytes(n: int) -> str:

@@ -7,10 +7,10 @@ Peer: recurrentgemma's own JAX `linear_scan`, called as its RG-LRU layer calls i
 (`unroll=128`) and with its default `unroll=1`. Its wheel pins old numpy and absl, so install
 it without dependencies: `pip install -e '.[bench]' && pip install --no-deps recurrentgemma`.
 
-For each T the table gives forward and forward+backward tokens/s (B * T / median seconds) and
-the scratch memory XLA plans for forward+backward (`memory_analysis().temp_size_in_bytes`),
-also per token. Impls whose forward+backward would not fit in `--memory-limit-gib` are
-skipped there, and the table says so.
+For each T the table gives forward and forward+backward tokens/s (B * T / median seconds), the
+speed relative to the table's first row, and the scratch memory XLA plans for forward+backward
+(`memory_analysis().temp_size_in_bytes`), also per token. Impls whose forward+backward would
+not fit in `--memory-limit-gib` are skipped there, and the table says so.
 """
 
 from __future__ import annotations
@@ -67,15 +67,21 @@ def bench_case(name_to_fn, args, tokens, repeats, limit_bytes):
     compiled_fwd = compile_all({n: forward[n] for n in runnable}, *args)
     fwd_s = median_seconds(compiled_fwd, *args, repeats=repeats)
     bwd_s = median_seconds({n: compiled_bwd[n] for n in runnable}, *args, repeats=repeats)
+    baseline = next(iter(name_to_fn))
     for name in name_to_fn:
         if name not in runnable:
-            rows.append([name, "skipped", "skipped", fmt_bytes(memory[name]) + " (over limit)", ""])
+            over = fmt_bytes(memory[name]) + " (over limit)"
+            rows.append([name, "skipped", "skipped", "", over, ""])
             continue
+        speedup = ""
+        if baseline in runnable:
+            speedup = f"{fwd_s[baseline] / fwd_s[name]:.2f}x / {bwd_s[baseline] / bwd_s[name]:.2f}x"
         rows.append(
             [
                 name,
                 fmt_rate(tokens, fwd_s[name]),
                 fmt_rate(tokens, bwd_s[name]),
+                speedup,
                 fmt_bytes(memory[name]),
                 f"{memory[name] / tokens:.0f}",
             ]
@@ -96,7 +102,14 @@ def main() -> None:
     args = parser.parse_args()
     limit = int(args.memory_limit_gib * 2**30)
     lengths = [int(t) for t in args.lengths.split(",")]
-    headers = ["impl", "fwd tok/s", "fwd+bwd tok/s", "fwd+bwd temp memory", "bytes/token"]
+    headers = [
+        "impl",
+        "fwd tok/s",
+        "fwd+bwd tok/s",
+        "speed vs row 1 (fwd / fwd+bwd)",
+        "fwd+bwd temp memory",
+        "bytes/token",
+    ]
     results = {"device": str(jax.devices()[0]), "linear_recurrence": {}, "selective_scan": {}}
 
     for length in lengths:
