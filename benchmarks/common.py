@@ -47,8 +47,9 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 
 def fmt_rate(tokens: int, seconds: float) -> str:
-    """Tokens per second, in thousands with three significant digits."""
-    return f"{tokens / seconds / 1e3:.3g}k"
+    """Tokens per second in thousands: whole thousands from 100k, else three digits."""
+    rate = tokens / seconds / 1e3
+    return f"{rate:.0f}k" if rate >= 100 else f"{rate:.3g}k"
 
 
 def fmt_bytes(n: int) -> str:

@@ -98,6 +98,9 @@ def main() -> None:
     parser.add_argument("--ssm-state", type=int, default=16, help="N of selective_scan")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--memory-limit-gib", type=float, default=8.0)
+    parser.add_argument(
+        "--ops", default="linear_recurrence,selective_scan", help="which tables to measure"
+    )
     parser.add_argument("--out", default="results/scan.json")
     args = parser.parse_args()
     limit = int(args.memory_limit_gib * 2**30)
@@ -112,7 +115,8 @@ def main() -> None:
     ]
     results = {"device": str(jax.devices()[0]), "linear_recurrence": {}, "selective_scan": {}}
 
-    for length in lengths:
+    ops = args.ops.split(",")
+    for length in lengths if "linear_recurrence" in ops else ():
         key_a, key_b = jax.random.split(jax.random.key(length))
         shape = (args.batch, length, args.width)
         a = jax.random.uniform(key_a, shape, minval=0.5, maxval=1.0)
@@ -127,7 +131,7 @@ def main() -> None:
         print(f"\nlinear_recurrence  B={args.batch} T={length} D={args.width} float32")
         print(markdown_table(headers, rows), flush=True)
 
-    for length in lengths:
+    for length in lengths if "selective_scan" in ops else ():
         keys = jax.random.split(jax.random.key(length), 5)
         batch, width, state = args.batch, args.ssm_width, args.ssm_state
         x = jax.random.normal(keys[0], (batch, length, width))
