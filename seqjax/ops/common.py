@@ -43,3 +43,53 @@ def scan_tokens(
 def reset(start: jax.Array, state: jax.Array) -> jax.Array:
     """Zeros the rows of `state: [B, ...]` where `start: [B]` is True."""
     return jnp.where(start.reshape(-1, *([1] * (state.ndim - 1))), jnp.zeros_like(state), state)
+
+
+def scan_tokens_chunked(
+    step: Callable[[Any, tuple[jax.Array, Any]], tuple[Any, Any]],
+    initial_state: Any,
+    inputs: Any,
+    segment_ids: jax.Array | None,
+    chunk_size: int,
+) -> tuple[Any, Any]:
+    """`scan_tokens`, rematerialized chunk by chunk: the fast form of ops whose state is large.
+
+    An outer `lax.scan` runs over chunks of `chunk_size` tokens and the token loop inside each
+    chunk is wrapped in `jax.checkpoint`, so the backward pass keeps only the states entering
+    the chunks, `[T / C, ...state]`, and recomputes each chunk's per-token states from its
+    entry. An op whose step contracts the state with a readout (S6, S4D) never holds a
+    per-token state for the whole sequence. Padding tokens past the end leave the state as is.
+    """
+    leaves = jax.tree.leaves(inputs)
+    batch, length = leaves[0].shape[:2]
+    if segment_ids is None:
+        starts = jnp.zeros((batch, length), bool)
+    else:
+        starts = segment_starts(segment_ids)
+    size = min(chunk_size, length)
+    num_chunks = -(-length // size)
+    pad = num_chunks * size - length
+
+    def to_chunks(x):  # [B, T, ...] -> [T / C, C, B, ...]
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(batch, num_chunks, size, *x.shape[2:]), 0, 2)
+
+    valid = (jnp.arange(num_chunks * size) < length).reshape(num_chunks, size)
+
+    def token(state, xs):
+        valid_t, token_inputs = xs
+        new_state, output = step(state, token_inputs)
+        return jax.tree.map(lambda new, old: jnp.where(valid_t, new, old), new_state, state), output
+
+    @jax.checkpoint
+    def chunk(state, xs):
+        return lax.scan(token, state, xs)
+
+    final, outputs = lax.scan(
+        chunk, initial_state, (valid, jax.tree.map(to_chunks, (starts, inputs)))
+    )
+    outputs = jax.tree.map(
+        lambda x: jnp.moveaxis(x, 2, 0).reshape(batch, num_chunks * size, *x.shape[3:])[:, :length],
+        outputs,
+    )
+    return outputs, final

@@ -35,7 +35,13 @@ import numpy as np
 from jax import lax
 
 from seqjax import checks
-from seqjax.ops.common import SCAN_OP_IMPLS, ScanOpImpl, reset, scan_tokens
+from seqjax.ops.common import (
+    SCAN_OP_IMPLS,
+    ScanOpImpl,
+    reset,
+    scan_tokens,
+    scan_tokens_chunked,
+)
 from seqjax.scan import linear_recurrence
 from seqjax.scan.linear_recurrence import DEFAULT_CHUNK_SIZE, accumulation_dtype
 
@@ -399,8 +405,8 @@ def s4d(
       initial_state: `[B, H, N]` complex; None means zeros.
       segment_ids: `[B, T]` ints; the state restarts at every new segment.
       discretization: `"zoh"` (S4D's default) or `"bilinear"`.
-      impl: `"reference"` (token loop); `"recurrent"` (the scan layer's recurrence
-        over the `[B, T, H, N]` states, then the contraction with C); `"fft"` (the
+      impl: `"reference"` (token loop); `"recurrent"` (the token loop rematerialized by
+        chunks of `chunk_size`, so neither pass holds the `[B, T, H, N]` states); `"fft"` (the
         convolution view: `s4d_kernel` then `ssm_convolution`, and the final state as one
         weighted sum `x_T = sum_k Abar^(T-1-k) Bbar u_k`; it holds the powers `[H, N, T]`
         and FFTs of length 2T). The convolution view is only valid
@@ -411,8 +417,7 @@ def s4d(
 
     Returns:
       `y [B, T, H]` in the dtype of u and the complex64 (complex128 for 64-bit inputs) state
-      after each row's last token. The recurrent view's gradient is the scan layer's
-      `custom_vjp`, which does not support forward-mode autodiff (`jvp`).
+      after each row's last token.
     """
     dims = checks.Dims()
     dims.check("u", u, "B T H")
@@ -486,10 +491,8 @@ def _s4d_readout(states: jax.Array, C: jax.Array) -> jax.Array:
     return 2 * jnp.real(jnp.einsum("...hn,hn->...h", states, C, precision=_HIGHEST))
 
 
-def _s4d_reference(u, Abar, Bbar, C, h0, segment_ids):
-    batch = u.shape[0]
-    if h0 is None:
-        h0 = jnp.zeros((batch, *Abar.shape), Abar.dtype)
+def _s4d_token_step(Abar, Bbar, C):
+    """`x_k = Abar x_{k-1} + Bbar u_k` (restarting at segment starts), `y_k = 2 Re(C x_k)`."""
 
     def step(x, inputs):
         start, u_t = inputs
@@ -497,19 +500,21 @@ def _s4d_reference(u, Abar, Bbar, C, h0, segment_ids):
         x = Abar * x + Bbar * u_t[..., None]
         return x, _s4d_readout(x, C)
 
-    return scan_tokens(step, h0, u, segment_ids)
+    return step
+
+
+def _s4d_reference(u, Abar, Bbar, C, h0, segment_ids):
+    if h0 is None:
+        h0 = jnp.zeros((u.shape[0], *Abar.shape), Abar.dtype)
+    return scan_tokens(_s4d_token_step(Abar, Bbar, C), h0, u, segment_ids)
 
 
 def _s4d_recurrent(u, Abar, Bbar, C, h0, segment_ids, chunk_size):
-    states, final = linear_recurrence(
-        Abar,
-        Bbar * u[..., None],
-        h0,
-        segment_ids=segment_ids,
-        impl="auto",
-        chunk_size=chunk_size,
-    )
-    return _s4d_readout(states, C), final
+    """The token loop rematerialized by chunks: the `[B, T, H, N]` states never exist."""
+    if h0 is None:
+        h0 = jnp.zeros((u.shape[0], *Abar.shape), Abar.dtype)
+    step = _s4d_token_step(Abar, Bbar, C)
+    return scan_tokens_chunked(step, h0, u, segment_ids, chunk_size)
 
 
 def _s4d_convolution(u, Abar, Bbar, C):

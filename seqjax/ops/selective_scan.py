@@ -23,8 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from seqjax import checks
-from seqjax.ops.common import reset, scan_tokens
-from seqjax.scan import segment_starts
+from seqjax.ops.common import reset, scan_tokens, scan_tokens_chunked
 from seqjax.scan.linear_recurrence import accumulation_dtype
 
 SelectiveScanImpl = Literal["auto", "reference", "chunked"]
@@ -239,31 +238,15 @@ def _selective_scan_chunked(
     allow_neg_eigval,
     chunk_size,
 ):
-    """A `lax.scan` over chunks of `chunk_size` tokens carrying the state `[B, D, N]`.
+    """The token loop of the reference, rematerialized by chunks (`scan_tokens_chunked`).
 
-    Within a chunk a token loop advances the state and contracts it with `C_t` at once, so no
-    `[B, T, D, N]` array exists. The chunk body is rematerialized (`jax.checkpoint`): the
-    backward pass keeps only the states entering the chunks, `[T / C, B, D, N]`, and recomputes
-    each chunk's `[C, B, D, N]` states from its entry.
+    Each step advances the state and contracts it with `C_t` at once, so no `[B, T, D, N]`
+    array exists; the backward pass keeps only the states entering the chunks.
     """
-    batch, length, _ = x.shape
     delta = _delta(dt, dt_bias, dt_softplus)
-    if segment_ids is None:
-        starts = jnp.zeros((batch, length), bool)
-    else:
-        starts = segment_starts(segment_ids)
-    size = min(chunk_size, length)
-    num_chunks = -(-length // size)
-    pad = num_chunks * size - length
 
-    def to_chunks(array):  # [B, T, ...] -> [T / C, C, B, ...]
-        # delta = 0 on the padding: decay 1 (both discretizations) and input 0 carry the state.
-        array = jnp.pad(array, ((0, 0), (0, pad)) + ((0, 0),) * (array.ndim - 2))
-        array = array.reshape(batch, num_chunks, size, *array.shape[2:])
-        return jnp.moveaxis(array, 0, 2)
-
-    def token(h, inputs):
-        start, delta_t, x_t, B_t, C_t = inputs
+    def step(h, inputs):
+        start, (x_t, delta_t, B_t, C_t) = inputs
         h = reset(start, h)
         y_t, h = _advance(
             h,
@@ -280,12 +263,7 @@ def _selective_scan_chunked(
         )
         return h, y_t
 
-    @jax.checkpoint
-    def chunk(h, inputs):
-        return lax.scan(token, h, inputs)
-
-    final, y = lax.scan(chunk, h0, tuple(map(to_chunks, (starts, delta, x, B, C))))
-    y = jnp.moveaxis(y, 2, 0).reshape(batch, num_chunks * size, -1)[:, :length]
+    y, final = scan_tokens_chunked(step, h0, (x, delta, B, C), segment_ids, chunk_size)
     return _skip_and_gate(y, x, D, z), final
 
 
