@@ -17,6 +17,13 @@ ScanOpImpl = Literal["auto", "reference", "sequential", "associative", "chunked"
 SCAN_OP_IMPLS: tuple[str, ...] = ("auto", "reference", "sequential", "associative", "chunked")
 
 
+def token_starts(segment_ids: jax.Array | None, batch: int, length: int) -> jax.Array:
+    """`[B, T]` bool, True where a token opens a new segment (never at t = 0; see the scan)."""
+    if segment_ids is None:
+        return jnp.zeros((batch, length), bool)
+    return segment_starts(segment_ids)
+
+
 def scan_tokens(
     step: Callable[[Any, tuple[jax.Array, Any]], tuple[Any, Any]],
     initial_state: Any,
@@ -29,12 +36,8 @@ def scan_tokens(
     token t opens a new segment (the step resets its state there). Returns `(outputs, final)`
     with outputs batch-major `[B, T, ...]`.
     """
-    leaves = jax.tree.leaves(inputs)
-    batch, length = leaves[0].shape[:2]
-    if segment_ids is None:
-        starts = jnp.zeros((batch, length), bool)
-    else:
-        starts = segment_starts(segment_ids)
+    batch, length = jax.tree.leaves(inputs)[0].shape[:2]
+    starts = token_starts(segment_ids, batch, length)
     time_major = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), (starts, inputs))
     final, outputs = lax.scan(step, initial_state, time_major)
     return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), outputs), final
@@ -60,12 +63,8 @@ def scan_tokens_chunked(
     entry. An op whose step contracts the state with a readout (S6, S4D) never holds a
     per-token state for the whole sequence. Padding tokens past the end leave the state as is.
     """
-    leaves = jax.tree.leaves(inputs)
-    batch, length = leaves[0].shape[:2]
-    if segment_ids is None:
-        starts = jnp.zeros((batch, length), bool)
-    else:
-        starts = segment_starts(segment_ids)
+    batch, length = jax.tree.leaves(inputs)[0].shape[:2]
+    starts = token_starts(segment_ids, batch, length)
     size = min(chunk_size, length)
     num_chunks = -(-length // size)
     pad = num_chunks * size - length

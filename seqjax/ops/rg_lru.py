@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from seqjax import checks
-from seqjax.ops.common import SCAN_OP_IMPLS, ScanOpImpl, reset, scan_tokens
-from seqjax.scan import linear_recurrence, segment_starts
+from seqjax.ops.common import SCAN_OP_IMPLS, ScanOpImpl, reset, scan_tokens, token_starts
+from seqjax.scan import linear_recurrence
 from seqjax.scan.linear_recurrence import DEFAULT_CHUNK_SIZE, accumulation_dtype
 
 MAX_SQRT_GRADIENT = 1000.0
@@ -83,9 +83,7 @@ def rg_lru(
         return _rg_lru_reference(x, gate_x, gate_a, a_param, initial_state, segment_ids, c)
 
     batch, length, _ = x.shape
-    starts = jnp.zeros((batch, length), bool)
-    if segment_ids is not None:
-        starts = segment_starts(segment_ids)
+    starts = token_starts(segment_ids, batch, length)
     if initial_state is None:
         starts = starts.at[:, 0].set(True)
     a, normalized_x = _decay_and_input(x, gate_x, gate_a, a_param, starts[..., None], c)
