@@ -1,5 +1,5 @@
 """seqjax: sequence models built on recurrences, in JAX."""
 
-from seqjax import checks, ops, scan
+from seqjax import checks, ops, scan, segments
 
-__all__ = ["checks", "ops", "scan"]
+__all__ = ["checks", "ops", "scan", "segments"]
