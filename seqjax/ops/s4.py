@@ -612,7 +612,7 @@ def s5(
     else:
         states, final = linear_recurrence(
             Abar,
-            jnp.einsum("bti,ni->btn", u_acc.astype(complex_dtype), Bbar, precision=_HIGHEST),
+            _s5_input(u_acc, Bbar),
             h0,
             segment_ids=segment_ids,
             impl=impl,
