@@ -149,22 +149,24 @@ def _recurrence_bwd(algorithm, chunk_size, reverse, residuals, cotangents):
     a, h, h0 = residuals
     dh, dh_last = cotangents
     if algorithm == "sequential":
-        return _sequential_adjoint(a, h, h0, dh, dh_last, reverse)
-    zero = jnp.zeros_like(a[:, :1])
-    if reverse:
-        # Mirror image of the forward case below: lam_t = a_{t-1} lam_{t-1} + dh_t.
-        dh = dh.at[:, 0].add(dh_last)
-        a_next = jnp.concatenate([zero, a[:, :-1]], axis=1)
-        h_prev = jnp.concatenate([h[:, 1:], h0[:, None]], axis=1)
-        first = -1
+        lam, lam_first = _sequential_adjoint(a, dh, dh_last, reverse)
     else:
-        dh = dh.at[:, -1].add(dh_last)
-        a_next = jnp.concatenate([a[:, 1:], zero], axis=1)
+        zero = jnp.zeros_like(a[:, :1])
+        if reverse:
+            # Mirror image of the forward case: lam_t = a_{t-1} lam_{t-1} + dh_t.
+            dh = dh.at[:, 0].add(dh_last)
+            a_next = jnp.concatenate([zero, a[:, :-1]], axis=1)
+        else:
+            dh = dh.at[:, -1].add(dh_last)
+            a_next = jnp.concatenate([a[:, 1:], zero], axis=1)
+        # lam_t = a_{t+1} lam_{t+1} + dh_t: the same recurrence run in the other direction.
+        lam, _ = _recurrence(algorithm, chunk_size, not reverse, a_next, dh, jnp.zeros_like(h0))
+        lam_first = lam[:, -1 if reverse else 0]
+    if reverse:
+        h_prev = jnp.concatenate([h[:, 1:], h0[:, None]], axis=1)
+    else:
         h_prev = jnp.concatenate([h0[:, None], h[:, :-1]], axis=1)
-        first = 0
-    # lam_t = a_{t+1} lam_{t+1} + dh_t: the same recurrence run in the other direction.
-    lam, _ = _recurrence(algorithm, chunk_size, not reverse, a_next, dh, jnp.zeros_like(h0))
-    return lam * h_prev, lam, a[:, first] * lam[:, first]
+    return lam * h_prev, lam, a[:, -1 if reverse else 0] * lam_first
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
@@ -177,40 +179,40 @@ def _time_index(t: jax.Array, length: int, reverse: bool) -> jax.Array:
 def _sequential(a: jax.Array, b: jax.Array, h0: jax.Array, reverse: bool) -> jax.Array:
     length = b.shape[1]
 
-    # Indexing axis 1 in place (rather than `lax.scan` over a transposed copy) saves two passes
-    # over memory.
+    # The loop indexes axis 1 in place (rather than `lax.scan` over a transposed copy), and
+    # overwrites b_t with h_t in b's buffer: no passes over memory beyond reading a and b.
     def step(t, carry):
         h, out = carry
         t = _time_index(t, length, reverse)
-        h = lax.dynamic_index_in_dim(a, t, 1, False) * h + lax.dynamic_index_in_dim(b, t, 1, False)
+        h = lax.dynamic_index_in_dim(a, t, 1, False) * h + lax.dynamic_index_in_dim(
+            out, t, 1, False
+        )
         return h, lax.dynamic_update_index_in_dim(out, h, t, 1)
 
-    _, h = lax.fori_loop(0, length, step, (h0, jnp.zeros_like(b)))
+    _, h = lax.fori_loop(0, length, step, (h0, b))
     return h
 
 
-def _sequential_adjoint(a, h, h0, dh, dh_last, reverse):
-    """The backward pass of `_sequential` as one loop against the recurrence's direction:
-    `lam_t = dh_t + a_next lam_next`, `db_t = lam_t`, `da_t = lam_t h_prev`, where `next` and
-    `prev` are the neighbours of t in the recurrence's order (`h_prev = h0` at its first token).
-    Fusing the three saves the passes over memory that shifting `a` and `h` would cost."""
+def _sequential_adjoint(a, dh, dh_last, reverse):
+    """`(lam, lam_first)` of the backward pass by one loop against the recurrence's direction:
+    `lam_t = dh_t + a_next lam_next`, `next` being t's successor in the recurrence's order.
+    The loop reads `a_next` in place rather than from a shifted copy of `a`; `da` is left to
+    one elementwise pass after it, which measures faster than writing it from the loop."""
     length = a.shape[1]
-    first, last = (length - 1, 0) if reverse else (0, length - 1)
+    last = 0 if reverse else length - 1
 
     def step(i, carry):
-        lam, da, db = carry
-        t = i if reverse else length - 1 - i
+        lam, out = carry
+        t = _time_index(i, length, not reverse)
         nxt = jnp.clip(t + (-1 if reverse else 1), 0, length - 1)
-        prv = jnp.clip(t + (1 if reverse else -1), 0, length - 1)
         # Entering the last token, lam carries dL/dh_last with a weight of 1.
         a_next = jnp.where(t == last, 1.0, lax.dynamic_index_in_dim(a, nxt, 1, False))
-        lam = lax.dynamic_index_in_dim(dh, t, 1, False) + a_next * lam
-        h_prev = jnp.where(t == first, h0, lax.dynamic_index_in_dim(h, prv, 1, False))
-        da = lax.dynamic_update_index_in_dim(da, lam * h_prev, t, 1)
-        return lam, da, lax.dynamic_update_index_in_dim(db, lam, t, 1)
+        lam = lax.dynamic_index_in_dim(out, t, 1, False) + a_next * lam
+        return lam, lax.dynamic_update_index_in_dim(out, lam, t, 1)
 
-    lam, da, db = lax.fori_loop(0, length, step, (dh_last, jnp.zeros_like(a), jnp.zeros_like(dh)))
-    return da, db, a[:, first] * lam
+    # lam_t overwrites dh_t in dh's buffer, as in `_sequential`.
+    lam_first, lam = lax.fori_loop(0, length, step, (dh_last, dh))
+    return lam, lam_first
 
 
 def _combine(left, right):
@@ -273,9 +275,10 @@ def _chunked(
 
     def run(t, carry):
         h, out = carry
-        h = at(a, t) * h + at(b, t)
+        h = at(a, t) * h + at(out, t)
         return h, lax.dynamic_update_index_in_dim(out, h, _time_index(t, size, reverse), 2)
 
-    _, h = lax.fori_loop(0, size, run, (jnp.moveaxis(h_entering, 0, 1), jnp.zeros_like(b)))
+    # As in `_sequential`, h_t overwrites b_t in b's buffer.
+    _, h = lax.fori_loop(0, size, run, (jnp.moveaxis(h_entering, 0, 1), b))
     h = h.reshape(batch, num_chunks * size, *feature_shape)
     return h[:, pad:] if reverse else h[:, :length]
