@@ -1,0 +1,275 @@
+"""The chunkwise-parallel engine of the matrix-state family: one algorithm, every gate shape.
+
+Every op built on it (linear attention, simple GLA and its RetNet / lightning / SSD wrappers,
+GLA, mLSTM, prefix linear attention) is, for each head, the recurrence
+
+    S_t = D_t S_{t-1} + w_t k_t v_t^T,        o_t = S_t^T q_t              (S_t: [K, V])
+
+with a diagonal decay `D_t` (a scalar per head, or one value per key channel) and a write
+weight `w_t`, computed in chunks of C tokens: within a chunk by masked matmuls, across chunks
+by passing one `[K, V]` state per chunk.
+
+**Potentials.** The ops differ only in their gates, and the engine sees the gates in one form:
+log "potentials", per chunk and relative to the state entering it, such that
+
+    weight of token j's write in the state that token t reads  = exp(query_t - key_j)  (j <= t)
+    weight of the entering state S_n in what token t reads       = exp(query_t - enter)
+    S_{n+1} = exp(exit - enter) * S_n + sum_j exp(exit - key_j) k_j v_j^T
+
+each exponent being <= 0 (no `exp` of a large positive number is ever formed; masked pairs
+are set to -inf before the `exp`, so their gradients stay finite). For a log-decay `g` with
+in-chunk cumulative sum `b_t`: `query = key = b`, `enter = 0`, `exit = b_C`. mLSTM adds its
+input gate and stabilizer to these (see `seqjax.ops.mlstm`). A potential has a trailing axis
+G of size 1 (scalar decay per head) or K (one decay per key channel).
+
+**Segments** (packed documents) are masks, not decays: pairs of tokens in different segments
+are masked, a chunk's entering state reaches only the tokens before the chunk's first segment
+start, and only the tokens after its last start write to the state it passes on.
+
+**Per-channel decays inside a chunk** (GLA) need `exp(b_t - b_j)` per channel, which is not a
+matmul. Following the secondary chunking of the GLA paper, the chunk is cut into tiles of
+`TILE` tokens: blocks between different tiles are matmuls of `q_t exp(b_t - r)` and
+`k_j exp(r - b_j)` around a reference `r` between the two tiles (both factors <= 1); blocks
+on the diagonal are computed in log space, `sum_k q_tk k_jk exp(b_tk - b_jk)`.
+
+**Backward.** `chunked` is a `jax.custom_vjp` that keeps only the inputs and the chunk-entering
+states `[B, N, H, K, V]` (N = T / C). Its backward pass recomputes each chunk's matmuls,
+differentiates them with `jax.vjp`, and runs the inter-chunk recurrence in reverse
+(`dS_n = dS_n^local + exp(exit - enter) dS_{n+1}`) through the scan layer.
+
+Layout: `[B, N, C, H, ...]` (batch, chunk, position in chunk, head), float32 throughout.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from seqjax.scan import linear_recurrence
+
+# Tokens per tile of the per-channel (GLA) intra-chunk form; chunks that are not a multiple
+# of it use the log-space form for the whole chunk.
+TILE = 16
+
+
+class Potentials(NamedTuple):
+    """Log weights of one chunked problem (see the module docstring), float32.
+
+    Attributes:
+      query: `[B, N, C, H, G]`, the potential at which token t reads the state.
+      key: `[B, N, C, H, G]`, the potential at which token j writes.
+      enter: `[B, N, H, G]`, the potential of the state entering the chunk.
+      exit: `[B, N, H, G]`, the potential of the state leaving the chunk.
+    """
+
+    query: jax.Array
+    key: jax.Array
+    enter: jax.Array
+    exit: jax.Array
+
+
+def to_chunks(x: jax.Array, chunk_size: int, fill: float = 0.0) -> jax.Array:
+    """`[B, T, ...]` -> `[B, N, C, ...]`, padding the end of T with `fill` to a multiple of C."""
+    batch, length = x.shape[:2]
+    num_chunks = -(-length // chunk_size)
+    pad = num_chunks * chunk_size - length
+    x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2), constant_values=fill)
+    return x.reshape(batch, num_chunks, chunk_size, *x.shape[2:])
+
+
+def from_chunks(x: jax.Array, length: int) -> jax.Array:
+    """`[B, N, C, ...]` -> `[B, T, ...]`, dropping the padding of `to_chunks`."""
+    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :length]
+
+
+def decay_potentials(log_decay: jax.Array) -> Potentials:
+    """Potentials of `S_t = exp(g_t) S_{t-1} + k_t v_t^T` from `g: [B, N, C, H, G]` (<= 0)."""
+    cumulative = jnp.cumsum(log_decay, axis=2)
+    exit_ = cumulative[:, :, -1]
+    return Potentials(cumulative, cumulative, jnp.zeros_like(exit_), exit_)
+
+
+def segment_counts(segment_ids: jax.Array | None, length: int, chunk_size: int) -> jax.Array | None:
+    """`[B, N, C]` int32: how many segments have started in the chunk up to each token.
+
+    A token opens a segment where its id differs from the previous token's (never at t = 0,
+    whose segment `initial_state` seeds). Padding continues the last segment.
+    """
+    if segment_ids is None:
+        return None
+    starts = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
+    return jnp.cumsum(to_chunks(starts.astype(jnp.int32), chunk_size), axis=2)
+
+
+def _masked_exp(log_weight: jax.Array, valid: jax.Array | None) -> jax.Array:
+    """exp(log_weight) where valid, else 0; masked before the exp so no inf (or nan) appears."""
+    if valid is None:
+        return jnp.exp(log_weight)
+    return jnp.exp(jnp.where(valid, log_weight, -jnp.inf))
+
+
+def _expand(mask: jax.Array | None, ndim: int) -> jax.Array | None:
+    return None if mask is None else mask.reshape(mask.shape + (1,) * (ndim - mask.ndim))
+
+
+def chunk_summaries(
+    k: jax.Array, v: jax.Array, pot: Potentials, counts: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
+    """Each chunk's transition `S_{n+1} = decay * S_n + increment`.
+
+    Returns `decay: [B, N, H, G, 1]` (broadcastable to the state) and
+    `increment: [B, N, H, K, V] = sum_j exp(exit - key_j) k_j v_j^T`.
+    """
+    writes_out = None if counts is None else counts == counts[:, :, -1:]
+    key_weight = _masked_exp(pot.exit[:, :, None] - pot.key, _expand(writes_out, pot.key.ndim))
+    increment = jnp.einsum("bnchk,bnchv->bnhkv", k * key_weight, v)
+    carries = None if counts is None else counts[:, :, -1] == 0
+    decay = _masked_exp(pot.exit - pot.enter, _expand(carries, pot.exit.ndim))
+    return decay[..., None], increment
+
+
+def entering_states(
+    decay: jax.Array, increment: jax.Array, initial_state: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """States entering every chunk `[B, N, H, K, V]` and the state after the last one."""
+    after, final = linear_recurrence(decay, increment, initial_state)
+    return jnp.concatenate([initial_state[:, None], after[:, :-1]], axis=1), final
+
+
+def chunk_outputs(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    pot: Potentials,
+    counts: jax.Array | None,
+    states: jax.Array,
+    tile: int | None,
+) -> jax.Array:
+    """`o: [B, N, C, H, V]`: what each token reads from its chunk's entering state (inter)
+    plus what it reads from the earlier tokens of its chunk (intra)."""
+    reads_in = None if counts is None else counts == 0
+    query_weight = _masked_exp(pot.query - pot.enter[:, :, None], _expand(reads_in, pot.query.ndim))
+    inter = jnp.einsum("bnchk,bnhkv->bnchv", q * query_weight, states)
+    scores = intra_scores(q, k, pot, counts, tile)
+    return inter + jnp.einsum("bnhts,bnshv->bnthv", scores, v)
+
+
+def _pair_mask(counts: jax.Array | None, size: int) -> jax.Array:
+    """`[B, N, C, C]` (`[1, 1, C, C]` without segments) bool: s <= t in t's segment."""
+    causal = jnp.tril(jnp.ones((1, 1, size, size), bool))
+    if counts is None:
+        return causal
+    return causal & (counts[:, :, :, None] == counts[:, :, None, :])
+
+
+def intra_scores(
+    q: jax.Array, k: jax.Array, pot: Potentials, counts: jax.Array | None, tile: int | None
+) -> jax.Array:
+    """`[B, N, H, C, C]`: `A_ts = sum_k q_tk k_sk exp(query_tk - key_sk)`, masked to s <= t in
+    t's segment. `tile` cuts a per-channel chunk into tiles (module docstring); None, or a
+    size that does not divide C, computes the whole chunk in log space."""
+    size = q.shape[2]
+    mask = _pair_mask(counts, size)
+    if pot.query.shape[-1] == 1:
+        # One decay per head: the [C, C] weights are one exp per pair.
+        log_weight = (
+            jnp.moveaxis(pot.query[..., 0], 2, -1)[..., :, None]
+            - jnp.moveaxis(pot.key[..., 0], 2, -1)[..., None, :]
+        )
+        return jnp.einsum("bnthk,bnshk->bnhts", q, k) * _masked_exp(log_weight, mask[:, :, None])
+    if tile is None or size % tile or tile >= size:
+        log_weight = pot.query[:, :, :, None] - pot.key[:, :, None, :]  # [B, N, C, C, H, K]
+        weight = _masked_exp(log_weight, mask[..., None, None])
+        return jnp.einsum("bnthk,bnshk,bntshk->bnhts", q, k, weight)
+    return _tiled_intra_scores(q, k, pot, mask, tile)
+
+
+def _tiled_intra_scores(
+    q: jax.Array, k: jax.Array, pot: Potentials, mask: jax.Array, tile: int
+) -> jax.Array:
+    """`intra_scores` for per-channel potentials that are non-increasing in t (`query = key =
+    b`): off-diagonal tile blocks as matmuls around the key potential at the end of the tile
+    before the query tile, diagonal blocks in log space."""
+    batch, num_chunks, size, heads, dim = q.shape
+    tiles = size // tile
+
+    def split(x):  # [B, N, C, H, K] -> [B, N, I, c, H, K]
+        return x.reshape(batch, num_chunks, tiles, tile, heads, dim)
+
+    q, k, query, key = split(q), split(k), split(pot.query), split(pot.key)
+    tile_end = key[:, :, :, -1]  # [B, N, I, H, K]
+    # Query tile i reads earlier tiles through the key potential at the end of tile i - 1
+    # (tile 0 reads no earlier tile; its own first potential keeps its factor <= 1).
+    reference = jnp.concatenate([query[:, :, :1, 0], tile_end[:, :, :-1]], axis=2)
+    query_factor = q * jnp.exp(query - reference[:, :, :, None])
+    key_factor = k * jnp.exp(tile_end[:, :, :, None] - key)
+    earlier = jnp.tril(jnp.ones((tiles, tiles), bool), -1)[:, :, None, None]
+    between = _masked_exp(reference[:, :, :, None] - tile_end[:, :, None, :], earlier)
+    off_diagonal = jnp.einsum("bnithk,bnixhk,bnxshk->bnhitxs", query_factor, between, key_factor)
+
+    log_weight = query[:, :, :, :, None] - key[:, :, :, None, :]  # [B, N, I, c, c, H, K]
+    causal = jnp.tril(jnp.ones((tile, tile), bool))[:, :, None, None]
+    diagonal = jnp.einsum("bnithk,bnishk,bnitshk->bnhits", q, k, _masked_exp(log_weight, causal))
+    same_tile = jnp.eye(tiles, dtype=q.dtype)[:, None, :, None]
+    scores = off_diagonal + diagonal[:, :, :, :, :, None, :] * same_tile
+    return scores.reshape(batch, num_chunks, heads, size, size) * mask[:, :, None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def chunked(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    pot: Potentials,
+    initial_state: jax.Array,
+    counts: jax.Array | None,
+    tile: int | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The chunked recurrence on `q, k: [B, N, C, H, K]`, `v: [B, N, C, H, V]` (scale already
+    in `q`), `initial_state: [B, H, K, V]`, `counts` from `segment_counts` (or None).
+
+    Returns `(o [B, N, C, H, V], final_state [B, H, K, V], states [B, N, H, K, V])`, the
+    last being the states entering every chunk. Reverse-mode only (a `custom_vjp`).
+    """
+    states, final = entering_states(*chunk_summaries(k, v, pot, counts), initial_state)
+    return chunk_outputs(q, k, v, pot, counts, states, tile), final, states
+
+
+def _chunked_fwd(q, k, v, pot, initial_state, counts, tile):
+    out = chunked(q, k, v, pot, initial_state, counts, tile)
+    return out, (q, k, v, pot, counts, out[2])
+
+
+def _chunked_bwd(tile, residuals, cotangents):
+    q, k, v, pot, counts, states = residuals
+    d_out, d_final, d_states = cotangents
+    _, outputs_vjp = jax.vjp(
+        lambda q, k, v, pot, states: chunk_outputs(q, k, v, pot, counts, states, tile),
+        q,
+        k,
+        v,
+        pot,
+        states,
+    )
+    dq, dk, dv, d_pot, d_states_read = outputs_vjp(d_out)
+    (decay, _), summaries_vjp = jax.vjp(
+        lambda k, v, pot: chunk_summaries(k, v, pot, counts), k, v, pot
+    )
+    # Gradient w.r.t. the state entering chunk n: what chunk n reads from it, plus what
+    # flows back through the decay from the state entering chunk n + 1.
+    d_entering, d_initial = linear_recurrence(
+        decay, d_states_read + d_states, d_final, reverse=True
+    )
+    d_leaving = jnp.concatenate([d_entering[:, 1:], d_final[:, None]], axis=1)
+    d_decay = jnp.sum(d_leaving * states, axis=-1, keepdims=True)
+    if decay.shape[-2] == 1:
+        d_decay = jnp.sum(d_decay, axis=-2, keepdims=True)
+    dk2, dv2, d_pot2 = summaries_vjp((d_decay, d_leaving))
+    d_pot = jax.tree.map(jnp.add, d_pot, d_pot2)
+    return dq, dk + dk2, dv + dv2, d_pot, d_initial, None
+
+
+chunked.defvjp(_chunked_fwd, _chunked_bwd)

@@ -1,0 +1,291 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from contract import OpContract, OpSpec, assert_trees_close
+from jax.experimental import checkify
+
+from seqjax import checks
+from seqjax.ops import chunked_linear_attention as engine
+from seqjax.ops.gla import (
+    LinearAttentionState,
+    alibi_slopes,
+    chunk_states,
+    gla,
+    gla_step,
+    lightning_attention,
+    lightning_log_decays,
+    linear_attention,
+    linear_attention_step,
+    retention,
+    retention_log_decays,
+    simple_gla,
+    simple_gla_step,
+)
+
+H, K, V = 2, 8, 5
+CHUNK = 32  # two tiles of 16: the tiled per-channel form is exercised
+
+
+def make_qkv(key, batch, length, dtype):
+    kq, kk, kv, kg = jax.random.split(key, 4)
+    q = jax.random.normal(kq, (batch, length, H, K))
+    k = jax.random.normal(kk, (batch, length, H, K)) * K**-0.5
+    v = jax.random.normal(kv, (batch, length, H, V))
+    return {"q": q.astype(dtype), "k": k.astype(dtype), "v": v.astype(dtype)}, kg
+
+
+def make_gla_inputs(key, batch, length, dtype):
+    inputs, kg = make_qkv(key, batch, length, dtype)
+    # Decays from nearly 1 to exp(-6) per token, as GLA's logsigmoid(.)/16 and beyond.
+    gk = jax.nn.log_sigmoid(3.0 + 3.0 * jax.random.normal(kg, (batch, length, H, K)))
+    return {**inputs, "gk": gk.astype(dtype)}
+
+
+def make_simple_gla_inputs(key, batch, length, dtype):
+    inputs, kg = make_qkv(key, batch, length, dtype)
+    g = jax.nn.log_sigmoid(3.0 + 2.0 * jax.random.normal(kg, (batch, length, H)))
+    return {**inputs, "g": g.astype(dtype)}
+
+
+def make_linear_attention_inputs(key, batch, length, dtype):
+    inputs, _ = make_qkv(key, batch, length, dtype)
+    # Positive feature maps (as linear attention uses), so the normalizer stays away from 0.
+    return {name: jax.nn.elu(x) + 1 if name != "v" else x for name, x in inputs.items()}
+
+
+def random_state(key, batch):
+    return jax.random.normal(key, (batch, H, K, V))
+
+
+def random_normalized_state(key, batch):
+    ks, kz = jax.random.split(key)
+    return LinearAttentionState(
+        jax.random.normal(ks, (batch, H, K, V)), 1.0 + jax.random.uniform(kz, (batch, H, K))
+    )
+
+
+QKV = frozenset({"q", "k", "v"})
+GLA_SPEC = OpSpec(
+    make_inputs=make_gla_inputs,
+    apply=lambda i, s, ids, impl: gla(
+        i["q"],
+        i["k"],
+        i["v"],
+        i["gk"],
+        initial_state=s,
+        segment_ids=ids,
+        impl=impl,
+        chunk_size=CHUNK,
+    ),
+    make_state=random_state,
+    step=lambda i, s: gla_step(i["q"], i["k"], i["v"], i["gk"], s),
+    time_inputs=QKV | {"gk"},
+    impls=("chunked", "parallel"),
+    chunk_size=CHUNK,
+)
+SIMPLE_GLA_SPEC = OpSpec(
+    make_inputs=make_simple_gla_inputs,
+    apply=lambda i, s, ids, impl: simple_gla(
+        i["q"],
+        i["k"],
+        i["v"],
+        i["g"],
+        initial_state=s,
+        segment_ids=ids,
+        impl=impl,
+        chunk_size=16,
+    ),
+    make_state=random_state,
+    step=lambda i, s: simple_gla_step(i["q"], i["k"], i["v"], i["g"], s),
+    time_inputs=QKV | {"g"},
+    impls=("chunked", "parallel"),
+    chunk_size=16,
+)
+LINEAR_ATTENTION_SPEC = OpSpec(
+    make_inputs=make_linear_attention_inputs,
+    apply=lambda i, s, ids, impl: linear_attention(
+        i["q"], i["k"], i["v"], initial_state=s, segment_ids=ids, impl=impl, chunk_size=16
+    ),
+    make_state=random_state,
+    step=lambda i, s: linear_attention_step(i["q"], i["k"], i["v"], s),
+    time_inputs=QKV,
+    impls=("chunked", "parallel"),
+    chunk_size=16,
+)
+NORMALIZED_SPEC = OpSpec(
+    make_inputs=make_linear_attention_inputs,
+    apply=lambda i, s, ids, impl: linear_attention(
+        i["q"],
+        i["k"],
+        i["v"],
+        normalize=True,
+        initial_state=s,
+        segment_ids=ids,
+        impl=impl,
+        chunk_size=16,
+    ),
+    make_state=random_normalized_state,
+    step=lambda i, s: linear_attention_step(
+        i["q"],
+        i["k"],
+        i["v"],
+        s if s is not None else LinearAttentionState(jnp.zeros((1, H, K, V)), jnp.zeros((1, H, K))),
+        normalize=True,
+    ),
+    time_inputs=QKV,
+    impls=("chunked",),
+    chunk_size=16,
+)
+
+
+class TestGLA(OpContract):
+    spec = GLA_SPEC
+
+
+class TestSimpleGLA(OpContract):
+    spec = SIMPLE_GLA_SPEC
+
+
+class TestLinearAttention(OpContract):
+    spec = LINEAR_ATTENTION_SPEC
+
+
+class TestNormalizedLinearAttention(OpContract):
+    spec = NORMALIZED_SPEC
+
+
+def test_extreme_decays_give_finite_values_and_gradients():
+    # Log-decays down to -20 per token: cumulative decays inside a 64-token chunk reach
+    # exp(-1280), far below float32's range.
+    batch, length = 1, 4096
+    inputs, kg = make_qkv(jax.random.key(3), batch, length, jnp.float32)
+    gk = -20.0 * jax.random.uniform(kg, (batch, length, H, K))
+
+    def loss(impl):
+        def f(q, k, v, gk):
+            o, final = gla(q, k, v, gk, impl=impl)
+            return jnp.sum(o * jnp.cos(o)) + jnp.sum(final)
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))
+
+    args = (inputs["q"], inputs["k"], inputs["v"], gk)
+    expected = loss("reference")(*args)
+    actual = loss("chunked")(*args)
+    for leaf in jax.tree.leaves(actual):
+        assert np.all(np.isfinite(np.asarray(leaf)))
+    assert_trees_close(actual, expected, 1e-4, "chunked (loss, grads) with decays to exp(-20)")
+
+
+@pytest.mark.parametrize("op", [gla, simple_gla])
+def test_chunked_memory_is_linear_in_length_and_holds_no_per_token_states(op):
+    def bytes_per_token(length, value_dim, key_dim=32):
+        def loss(q, k, v, g):
+            o, final = op(q, k, v, g, impl="chunked", chunk_size=64)
+            return jnp.sum(o) + jnp.sum(final)
+
+        qk = jax.ShapeDtypeStruct((1, length, 1, key_dim), jnp.float32)
+        v = jax.ShapeDtypeStruct((1, length, 1, value_dim), jnp.float32)
+        g = qk if op is gla else jax.ShapeDtypeStruct((1, length, 1), jnp.float32)
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(qk, qk, v, g).compile()
+        return compiled.memory_analysis().temp_size_in_bytes / length
+
+    assert bytes_per_token(4096, 32) <= 1.1 * bytes_per_token(1024, 32)
+    # Per-token [K, V] states would add K * 4 bytes per token for every value channel.
+    growth = bytes_per_token(1024, 256) - bytes_per_token(1024, 32)
+    assert growth < 32 * (256 - 32) * 4 / 4
+
+
+def test_chunk_states_are_the_states_after_every_chunk_boundary():
+    inputs = make_gla_inputs(jax.random.key(4), 2, 50, jnp.float32)
+    h0 = random_state(jax.random.key(5), 2)
+    states = chunk_states(inputs["k"], inputs["v"], inputs["gk"], initial_state=h0, chunk_size=16)
+    assert states.shape == (2, 4, H, K, V)
+    expected = [h0]
+    for end in (16, 32, 48):
+        _, state = gla(*(inputs[n][:, :end] for n in ("q", "k", "v", "gk")), initial_state=h0)
+        expected.append(state)
+    assert_trees_close(states, jnp.stack(expected, axis=1), 1e-5, "chunk states")
+
+
+def test_chunk_states_of_the_three_gate_shapes_agree_when_the_gates_agree():
+    inputs = make_simple_gla_inputs(jax.random.key(6), 1, 40, jnp.float32)
+    k, v, g = inputs["k"], inputs["v"], inputs["g"]
+    per_head = chunk_states(k, v, g, chunk_size=16)
+    per_channel = chunk_states(k, v, jnp.broadcast_to(g[..., None], k.shape), chunk_size=16)
+    assert_trees_close(per_channel, per_head, 1e-5, "per-channel vs per-head")
+    no_decay = chunk_states(k, v, chunk_size=16)
+    assert_trees_close(no_decay, chunk_states(k, v, 0.0 * g, chunk_size=16), 1e-6, "no decay")
+
+
+def test_tiled_and_log_space_intra_chunk_scores_agree():
+    inputs = make_gla_inputs(jax.random.key(7), 2, 64, jnp.float32)
+    q, k = (engine.to_chunks(inputs[n], 64) for n in ("q", "k"))
+    pot = engine.decay_potentials(engine.to_chunks(-8.0 * jnp.abs(inputs["gk"]), 64))
+    ids = jnp.asarray(np.repeat([[0, 1, 2, 3]], 16, axis=1).repeat(2, axis=0))
+    counts = engine.segment_counts(ids, 64, 64)
+    tiled = engine.intra_scores(q, k, pot, counts, tile=16)
+    log_space = engine.intra_scores(q, k, pot, counts, tile=None)
+    assert_trees_close(tiled, log_space, 1e-5, "tiled vs log-space scores")
+
+
+def test_retention_and_lightning_build_the_papers_decays():
+    np.testing.assert_allclose(
+        np.exp(retention_log_decays(4)), [1 - 2**-5, 1 - 2**-6, 1 - 2**-7, 1 - 2**-8], rtol=1e-6
+    )
+    np.testing.assert_allclose(alibi_slopes(4), [2**-2, 2**-4, 2**-6, 2**-8], rtol=1e-6)
+    # 6 heads: the slopes of 4 heads, then slopes 1 and 3 of 8 heads (ALiBi's interleaving).
+    np.testing.assert_allclose(
+        alibi_slopes(6), [2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        lightning_log_decays(4, layer_idx=0, num_layers=3), -(1 + 1e-5) * alibi_slopes(4)
+    )
+    np.testing.assert_allclose(lightning_log_decays(4, 2, 3), -1e-5 * alibi_slopes(4), atol=1e-9)
+    inputs = make_qkv(jax.random.key(8), 1, 20, jnp.float32)[0]
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    g = jnp.broadcast_to(retention_log_decays(H), (1, 20, H))
+    assert_trees_close(retention(q, k, v), simple_gla(q, k, v, g), 1e-6, "retention")
+    g = jnp.broadcast_to(lightning_log_decays(H, 1, 4), (1, 20, H))
+    assert_trees_close(
+        lightning_attention(q, k, v, layer_idx=1, num_layers=4, scale=1.0),
+        simple_gla(q, k, v, g, scale=1.0),
+        1e-6,
+        "lightning attention",
+    )
+
+
+def test_rejects_mismatched_head_counts():
+    q = jnp.zeros((1, 4, 2, 8))
+    with pytest.raises(ValueError, match=r"k: expected shape \[B, T, H, K\] = \[1, 4, 2, 8\]"):
+        gla(q, jnp.zeros((1, 4, 3, 8)), jnp.zeros((1, 4, 2, 5)), jnp.zeros((1, 4, 2, 8)))
+
+
+def test_rejects_wrong_rank_of_gate():
+    q = jnp.zeros((1, 4, 2, 8))
+    with pytest.raises(ValueError, match=r"g: expected shape \[B, T, H\] = \[1, 4, 2\]"):
+        simple_gla(q, q, q, jnp.zeros((1, 4, 2, 8)))
+
+
+def test_rejects_float_segment_ids():
+    q = jnp.zeros((1, 4, 2, 8))
+    with pytest.raises(TypeError, match="segment_ids: expected an integer array"):
+        linear_attention(q, q, q, segment_ids=jnp.zeros((1, 4)))
+
+
+def test_rejects_a_plain_state_when_normalizing():
+    q = jnp.zeros((1, 4, 2, 8))
+    with pytest.raises(TypeError, match="initial_state: expected a LinearAttentionState"):
+        linear_attention(q, q, q, normalize=True, initial_state=jnp.zeros((1, 2, 8, 8)))
+
+
+def test_rejects_positive_log_decay_when_concrete_and_under_opt_in_checkify():
+    q = jnp.zeros((1, 4, 2, 8))
+    with pytest.raises(ValueError, match="gk: expected log-decays gk <= 0"):
+        gla(q, q, q, jnp.ones((1, 4, 2, 8)))
+    with checks.checkify_values():
+        error, _ = checkify.checkify(jax.jit(lambda g: simple_gla(q, q, q, g)[0]))(
+            jnp.ones((1, 4, 2))
+        )
+    with pytest.raises(checkify.JaxRuntimeError, match="g: expected log-decays g <= 0"):
+        error.throw()
