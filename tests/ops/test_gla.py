@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,7 +26,7 @@ from seqjax.ops.gla import (
 )
 
 H, K, V = 2, 8, 5
-CHUNK = 32  # two tiles of 16: the tiled per-channel form is exercised
+CHUNK = 32  # four tiles of 8: the tiled per-channel form is exercised
 
 
 def make_qkv(key, batch, length, dtype):
@@ -39,6 +41,14 @@ def make_gla_inputs(key, batch, length, dtype):
     inputs, kg = make_qkv(key, batch, length, dtype)
     # Decays from nearly 1 to exp(-6) per token, as GLA's logsigmoid(.)/16 and beyond.
     gk = jax.nn.log_sigmoid(3.0 + 3.0 * jax.random.normal(kg, (batch, length, H, K)))
+    return {**inputs, "gk": gk.astype(dtype)}
+
+
+def make_strong_gla_inputs(key, batch, length, dtype):
+    inputs, kg = make_qkv(key, batch, length, dtype)
+    # Up to exp(-8) per token: a chunk's cumulative decay leaves the factored form's range,
+    # and the tiled (secondary chunking) form runs.
+    gk = -8.0 * jax.random.uniform(kg, (batch, length, H, K))
     return {**inputs, "gk": gk.astype(dtype)}
 
 
@@ -83,6 +93,9 @@ GLA_SPEC = OpSpec(
     time_inputs=QKV | {"gk"},
     impls=("chunked", "parallel"),
     chunk_size=CHUNK,
+)
+STRONG_DECAY_GLA_SPEC = dataclasses.replace(
+    GLA_SPEC, make_inputs=make_strong_gla_inputs, impls=("chunked",)
 )
 SIMPLE_GLA_SPEC = OpSpec(
     make_inputs=make_simple_gla_inputs,
@@ -141,6 +154,10 @@ NORMALIZED_SPEC = OpSpec(
 
 class TestGLA(OpContract):
     spec = GLA_SPEC
+
+
+class TestGLAWithStrongDecays(OpContract):
+    spec = STRONG_DECAY_GLA_SPEC
 
 
 class TestSimpleGLA(OpContract):
@@ -218,15 +235,26 @@ def test_chunk_states_of_the_three_gate_shapes_agree_when_the_gates_agree():
     assert_trees_close(no_decay, chunk_states(k, v, 0.0 * g, chunk_size=16), 1e-6, "no decay")
 
 
-def test_tiled_and_log_space_intra_chunk_scores_agree():
+@pytest.mark.parametrize("tile", [8, 16])
+@pytest.mark.parametrize("strength", [0.05, 8.0])
+def test_the_three_intra_chunk_forms_agree(tile, strength):
     inputs = make_gla_inputs(jax.random.key(7), 2, 64, jnp.float32)
     q, k = (engine.to_chunks(inputs[n], 64) for n in ("q", "k"))
-    pot = engine.decay_potentials(engine.to_chunks(-8.0 * jnp.abs(inputs["gk"]), 64))
+    log_decay = -strength * jax.random.uniform(jax.random.key(8), inputs["q"].shape)
+    pot = engine.decay_potentials(engine.to_chunks(log_decay, 64))
     ids = jnp.asarray(np.repeat([[0, 1, 2, 3]], 16, axis=1).repeat(2, axis=0))
     counts = engine.segment_counts(ids, 64, 64)
-    tiled = engine.intra_scores(q, k, pot, counts, tile=16)
+    mask = engine._pair_mask(counts, 64)
     log_space = engine.intra_scores(q, k, pot, counts, tile=None)
+    tiled = engine._tiled_intra_scores(q, k, pot, mask, tile)
     assert_trees_close(tiled, log_space, 1e-5, "tiled vs log-space scores")
+    if strength * 64 / 2 < engine.FACTORED_EXPONENT_LIMIT:
+        reference = (pot.key[:, :, :1] + pot.key[:, :, -1:]) / 2
+        factored = engine._factored_intra_scores(q, k, pot, mask, reference)
+        assert_trees_close(factored, log_space, 1e-5, "factored vs log-space scores")
+        assert_trees_close(engine.intra_scores(q, k, pot, counts, tile), factored, 0, "choice")
+    else:
+        assert_trees_close(engine.intra_scores(q, k, pot, counts, tile), tiled, 0, "choice")
 
 
 def test_retention_and_lightning_build_the_papers_decays():
