@@ -59,7 +59,8 @@ class OpSpec:
 
     Attributes:
       make_inputs: `(key, batch, length, dtype) -> inputs`, a dict of arrays. Inputs named in
-        `time_inputs` have layout `[B, T, ...]`; the others (parameters such as `A`) have none.
+        `time_inputs` have layout `[B, T, ...]`, those in `row_inputs` `[B, ...]`; the others
+        (parameters such as `A`) have neither. Only floating inputs are differentiated.
       apply: `(inputs, initial_state, segment_ids, impl) -> (output, final_state)`.
       make_state: `(key, batch) -> initial_state`, a random float32 state pytree.
       step: `(inputs_t, state) -> (output_t, state)`, where the time inputs of `inputs_t` have
@@ -68,6 +69,7 @@ class OpSpec:
       impls: the fast impls checked against `"reference"`.
       chunk_size: the op's chunk length; the lengths tested are built around it.
       tolerance_scale: multiplies the default tolerances, for ops whose error grows (e.g. FFTs).
+      row_inputs: names of the inputs with a batch axis but no time axis (JRT's `prefix_len`).
     """
 
     make_inputs: Callable[[jax.Array, int, int, Any], Inputs]
@@ -78,6 +80,7 @@ class OpSpec:
     impls: tuple[str, ...]
     chunk_size: int = 16
     tolerance_scale: float = 1.0
+    row_inputs: frozenset[str] = frozenset()
 
 
 class Case(NamedTuple):
@@ -171,10 +174,18 @@ def weighted_sum(tree: Any, weights: Any) -> jax.Array:
 
 
 def slice_time(spec: OpSpec, inputs: Inputs, rows: slice, times: slice | int) -> Inputs:
-    return {
-        name: value[rows, times] if name in spec.time_inputs else value
-        for name, value in inputs.items()
-    }
+    def piece(name, value):
+        if name in spec.time_inputs:
+            return value[rows, times]
+        return value[rows] if name in spec.row_inputs else value
+
+    return {name: piece(name, value) for name, value in inputs.items()}
+
+
+def split_floating(inputs: Inputs) -> tuple[Inputs, Inputs]:
+    """(floating inputs, the others): gradients are taken w.r.t. the first only."""
+    floating = {n: x for n, x in inputs.items() if jnp.issubdtype(x.dtype, jnp.inexact)}
+    return floating, {n: x for n, x in inputs.items() if n not in floating}
 
 
 def slice_rows(tree: Any, rows: slice) -> Any:
@@ -201,10 +212,13 @@ def run(spec: OpSpec, impl: str, problem: Problem) -> tuple[Any, Any]:
 
 
 def gradients(spec: OpSpec, impl: str, problem: Problem, weights: Any) -> Any:
-    def loss(inputs, state):
-        return weighted_sum(spec.apply(inputs, state, problem.segment_ids, impl), weights)
+    floating, others = split_floating(problem.inputs)
 
-    return jax.jit(jax.grad(loss, argnums=(0, 1)))(problem.inputs, problem.state)
+    def loss(inputs, state):
+        out = spec.apply({**inputs, **others}, state, problem.segment_ids, impl)
+        return weighted_sum(out, weights)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(floating, problem.state)
 
 
 # ----------------------------------------------------------------------------- the contract
@@ -264,8 +278,9 @@ class OpContract:
 
     def test_step_equals_parallel(self):
         if self.spec.step is None:
-            # Only an anti-causal form (the reversed scan) has no token-by-token step to check.
-            pytest.skip("spec.step is None: the op runs backwards in time, it has no decode step")
+            # An anti-causal op (the reversed scan) or one that reads ahead (JRT's prefix) has no
+            # step from t = 0; its test module checks decoding where decoding exists.
+            pytest.skip("spec.step is None: the op has no token-by-token step from t = 0")
         problem = make_problem(self.spec, Case(9, jnp.float32, False))
         expected_out, expected_state = run(self.spec, "reference", problem)
         step = jax.jit(self.spec.step)
@@ -291,15 +306,17 @@ class OpContract:
                 ),
             )
 
+            floating, others = split_floating(problem.inputs)
+
             # jit: check_grads evaluates the loss many times; compile it once.
             @jax.jit
             def loss(inputs, state):
-                out = self.spec.apply(inputs, state, problem.segment_ids, "reference")
+                out = self.spec.apply({**inputs, **others}, state, problem.segment_ids, "reference")
                 return weighted_sum(out, weights)
 
             check_grads(
                 loss,
-                (problem.inputs, state),
+                (floating, state),
                 order=1,
                 modes=("rev",),
                 atol=1e-5,
