@@ -285,7 +285,7 @@ def chunk_states(
     states, _ = engine.entering_states(
         *engine.chunk_summaries(k, v, pot, counts), initial_state.astype(acc)
     )
-    return states
+    return jnp.moveaxis(states, 2, 1)  # [B, H, N, K, V] -> [B, N, H, K, V]
 
 
 def _step(q_t, k_t, v_t, log_decay_t, state, scale):

@@ -164,29 +164,30 @@ def _stabilizer(
 def _potentials(
     log_forget: jax.Array, i: jax.Array, counts: jax.Array | None, m_initial: jax.Array
 ) -> tuple[engine.Potentials, jax.Array, jax.Array]:
-    """The engine's potentials of chunked gates `log_forget, i: [B, N, C, H]`.
+    """The engine's potentials of chunked gates `log_forget, i: [B, H, N, C]`.
 
-    Returns `(potentials, m, m_enter)`: the stabilizer of every token `[B, N, C, H]` and of
-    the state entering every chunk `[B, N, H]`.
+    Returns `(potentials, m, m_enter)`: the stabilizer of every token `[B, H, N, C]` and of
+    the state entering every chunk `[B, H, N]`.
     """
-    batch, num_chunks, size = i.shape[:3]
+    batch, _, num_chunks, size = i.shape
     if counts is None:
-        starts = jnp.zeros((batch, num_chunks, size), bool)
+        starts = jnp.zeros((batch, 1, num_chunks, size), bool)
     else:
-        starts = jnp.diff(counts, axis=2, prepend=0) > 0
+        starts = jnp.diff(counts, axis=3, prepend=0) > 0
 
-    def flat(x):
-        return x.reshape(batch, num_chunks * size, *x.shape[3:])
+    def time_major(x):  # [B, H, N, C] -> [B, T, H]
+        return jnp.moveaxis(x.reshape(*x.shape[:2], num_chunks * size), 1, 2)
 
-    m = _stabilizer(flat(log_forget), flat(i), flat(starts), m_initial).reshape(i.shape)
-    m_exit = m[:, :, -1]
-    m_enter = jnp.concatenate([m_initial[:, None], m_exit[:, :-1]], axis=1)
-    cumulative = jnp.cumsum(log_forget, axis=2)
+    m = _stabilizer(time_major(log_forget), time_major(i), time_major(starts)[..., 0], m_initial)
+    m = jnp.moveaxis(m, 2, 1).reshape(i.shape)
+    m_exit = m[..., -1]
+    m_enter = jnp.concatenate([m_initial[:, :, None], m_exit[..., :-1]], axis=2)
+    cumulative = jnp.cumsum(log_forget, axis=3)
     potentials = engine.Potentials(
         query=cumulative - m,
         key=cumulative - i,
         enter=-m_enter,
-        exit=cumulative[:, :, -1] - m_exit,
+        exit=cumulative[..., -1] - m_exit,
     )
     # One potential per head: the engine's trailing axis G = 1.
     return jax.tree.map(lambda x: x[..., None], potentials), m, m_enter
@@ -306,6 +307,7 @@ def mlstm_chunk_states(
     states, _ = engine.entering_states(
         *engine.chunk_summaries(k, v, pot, counts), _augmented_state(state)
     )
+    states, m_enter = jnp.moveaxis(states, 2, 1), jnp.moveaxis(m_enter, 2, 1)  # N after B
     return MLSTMState(states[..., :-1], states[..., -1], m_enter)
 
 
