@@ -65,6 +65,8 @@ TILE = 8
 # learn stay well inside) take `_factored_intra_scores`: factors within exp(+-20), far from
 # float32's limits, and one matmul per chunk. Larger decays take the tiled form.
 FACTORED_EXPONENT_LIMIT = 20.0
+# Chunks per group of the tiled form's loop (see `_tiled_intra_scores_by_chunk_groups`).
+TILED_CHUNK_GROUP = 8
 
 
 class Potentials(NamedTuple):
@@ -217,7 +219,7 @@ def intra_scores(
     return jax.lax.cond(
         factorable(pot, reference),
         lambda: _factored_intra_scores(q, k, pot, mask, reference),
-        lambda: _tiled_intra_scores(q, k, pot, mask, tile),
+        lambda: _tiled_intra_scores_by_chunk_groups(q, k, pot, mask, tile),
     )
 
 
@@ -244,6 +246,25 @@ def _factored_intra_scores(
     query_factor = q * jnp.exp(pot.query - reference)
     key_factor = k * jnp.exp(reference - pot.key)
     return jnp.einsum("bhntk,bhnsk->bhnts", query_factor, key_factor) * mask
+
+
+def _tiled_intra_scores_by_chunk_groups(
+    q: jax.Array, k: jax.Array, pot: Potentials, mask: jax.Array, tile: int
+) -> jax.Array:
+    """`_tiled_intra_scores` over groups of `TILED_CHUNK_GROUP` chunks at a time, each group
+    rematerialized in the backward pass: the log-space diagonal blocks hold `TILE * K`
+    values per token, too many to keep for the whole sequence at once."""
+
+    def group_first(x):  # [B, H, N, ...] -> [N, B, H, ...]
+        return jnp.moveaxis(jnp.broadcast_to(x, (*q.shape[:3], *x.shape[3:])), 2, 0)
+
+    def one_chunk(xs):
+        q, k, query, key, mask = (x[:, :, None] for x in xs)
+        return _tiled_intra_scores(q, k, Potentials(query, key, None, None), mask, tile)[:, :, 0]
+
+    xs = tuple(group_first(x) for x in (q, k, pot.query, pot.key, mask))
+    scores = jax.lax.map(jax.checkpoint(one_chunk), xs, batch_size=TILED_CHUNK_GROUP)
+    return jnp.moveaxis(scores, 0, 2)
 
 
 def _tiled_intra_scores(
