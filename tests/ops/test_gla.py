@@ -172,21 +172,23 @@ class TestNormalizedLinearAttention(OpContract):
     spec = NORMALIZED_SPEC
 
 
-def test_extreme_decays_give_finite_values_and_gradients():
+@pytest.mark.parametrize("op", [gla, simple_gla])
+def test_extreme_decays_give_finite_values_and_gradients(op):
     # Log-decays down to -20 per token: cumulative decays inside a 64-token chunk reach
     # exp(-1280), far below float32's range.
     batch, length = 1, 4096
     inputs, kg = make_qkv(jax.random.key(3), batch, length, jnp.float32)
-    gk = -20.0 * jax.random.uniform(kg, (batch, length, H, K))
+    gate_shape = inputs["q"].shape if op is gla else inputs["q"].shape[:3]
+    g = -20.0 * jax.random.uniform(kg, gate_shape)
 
     def loss(impl):
-        def f(q, k, v, gk):
-            o, final = gla(q, k, v, gk, impl=impl)
+        def f(q, k, v, g):
+            o, final = op(q, k, v, g, impl=impl)
             return jnp.sum(o * jnp.cos(o)) + jnp.sum(final)
 
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))
 
-    args = (inputs["q"], inputs["k"], inputs["v"], gk)
+    args = (inputs["q"], inputs["k"], inputs["v"], g)
     expected = loss("reference")(*args)
     actual = loss("chunked")(*args)
     for leaf in jax.tree.leaves(actual):
