@@ -171,6 +171,45 @@ def entering_states(
     return jnp.concatenate([initial_state[:, :, None], after[:, :, :-1]], axis=2), final
 
 
+def states_after(
+    k: jax.Array,
+    v: jax.Array,
+    pot: Potentials,
+    counts: jax.Array | None,
+    states: jax.Array,
+    positions: jax.Array,
+) -> jax.Array:
+    """`[B, H, P, K, V]`: the state after token `positions[b, p]` (`[B, P]` ints), in the
+    frame of that token's query potential; `states` are the chunk-entering states.
+
+    It is the chunk summary of the token's chunk cut at the token: its entering state
+    decayed to the token, plus the writes of the tokens up to it in its segment.
+    """
+    size = k.shape[3]
+    chunk, offset = positions // size, positions % size
+
+    def at_chunk(x):  # [B, H, N, ...] -> [B, H, P, ...], the chunk of every position
+        index = chunk.reshape(chunk.shape[0], 1, -1, *([1] * (x.ndim - 3)))
+        return jnp.take_along_axis(x, index, axis=2)
+
+    def at_token(x):  # [B, H, P, C, ...] -> [B, H, P, ...], the token itself
+        index = offset.reshape(offset.shape[0], 1, -1, 1, *([1] * (x.ndim - 4)))
+        return jnp.take_along_axis(x, index, axis=3)[:, :, :, 0]
+
+    key, query = at_chunk(pot.key), at_chunk(pot.query)
+    exit_ = at_token(query)  # [B, H, P, G]
+    writes = jnp.arange(size) <= offset[:, None, :, None]  # [B, 1, P, C]
+    carries = None
+    if counts is not None:
+        counts = at_chunk(counts)
+        writes = writes & (counts == at_token(counts[..., None])[..., :1])
+        carries = at_token(counts[..., None])[..., 0] == 0
+    key_weight = _masked_exp(exit_[..., None, :] - key, writes[..., None])
+    written = jnp.einsum("bhpck,bhpcv->bhpkv", at_chunk(k) * key_weight, at_chunk(v))
+    decay = _masked_exp(exit_ - at_chunk(pot.enter), _expand(carries, exit_.ndim))
+    return decay[..., None] * at_chunk(states) + written
+
+
 def chunk_outputs(
     q: jax.Array,
     k: jax.Array,

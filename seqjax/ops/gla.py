@@ -244,21 +244,9 @@ def gla(
     return o.astype(v.dtype), final
 
 
-def chunk_states(
-    k: jax.Array,
-    v: jax.Array,
-    log_decay: jax.Array | None = None,
-    *,
-    initial_state: jax.Array | None = None,
-    segment_ids: jax.Array | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> jax.Array:
-    """The states entering every chunk, `[B, N, H, K, V]` with `N = ceil(T / chunk_size)`.
-
-    State `n` is the state after token `n * chunk_size - 1` (state 0 is `initial_state`), for
-    the recurrence of `linear_attention` (`log_decay=None`), `simple_gla` (`[B, T, H]`) or
-    `gla` (`[B, T, H, K]`). Sequence parallelism, rollback and state probes start from these.
-    """
+def _state_pass(k, v, log_decay, initial_state, segment_ids, chunk_size):
+    """Validated inputs in chunks, and the chunk-entering states, for `chunk_states` and
+    `states_after`: `(k, v, potentials, counts, states [B, H, N, K, V])`."""
     dims = checks.Dims()
     dims.check("k", k, "B T H K")
     dims.check("v", v, "B T H V")
@@ -285,7 +273,60 @@ def chunk_states(
     states, _ = engine.entering_states(
         *engine.chunk_summaries(k, v, pot, counts), initial_state.astype(acc)
     )
+    return k, v, pot, counts, states
+
+
+def chunk_states(
+    k: jax.Array,
+    v: jax.Array,
+    log_decay: jax.Array | None = None,
+    *,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> jax.Array:
+    """The states entering every chunk, `[B, N, H, K, V]` with `N = ceil(T / chunk_size)`.
+
+    State `n` is the state after token `n * chunk_size - 1` (state 0 is `initial_state`), for
+    the recurrence of `linear_attention` (`log_decay=None`), `simple_gla` (`[B, T, H]`) or
+    `gla` (`[B, T, H, K]`). Sequence parallelism, rollback and state probes start from these.
+    """
+    states = _state_pass(k, v, log_decay, initial_state, segment_ids, chunk_size)[-1]
     return jnp.moveaxis(states, 2, 1)  # [B, H, N, K, V] -> [B, N, H, K, V]
+
+
+def states_after(
+    k: jax.Array,
+    v: jax.Array,
+    log_decay: jax.Array | None,
+    positions: jax.Array,
+    *,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> jax.Array:
+    """The state after each token of `positions: [B, P]` (ints in [0, T)), `[B, P, H, K, V]`.
+
+    For the same recurrences as `chunk_states`. With packed segments, the positions of the
+    segments' last tokens (`cu_seqlens[1:] - 1` of `seqjax.segments`) give every segment's
+    final state, as a prepacked prefill needs; any other position gives the state to roll
+    back to. Costs one chunk's work per position beyond the chunk pass.
+    """
+    positions = jnp.asarray(positions)
+    if positions.ndim != 2 or positions.shape[0] != k.shape[0]:
+        raise ValueError(
+            f"positions: expected shape [B, P] with B = {k.shape[0]}, got {positions.shape}"
+        )
+    if not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise TypeError(f"positions: expected an integer array, got {positions.dtype}")
+    checks.check_values(
+        "positions",
+        (positions >= 0) & (positions < k.shape[1]),
+        f"0 <= positions < T = {k.shape[1]}",
+    )
+    k, v, pot, counts, states = _state_pass(k, v, log_decay, initial_state, segment_ids, chunk_size)
+    after = engine.states_after(k, v, pot, counts, states, positions)
+    return jnp.moveaxis(after, 2, 1)  # [B, H, P, K, V] -> [B, P, H, K, V]
 
 
 def _step(q_t, k_t, v_t, log_decay_t, state, scale):

@@ -23,6 +23,7 @@ from seqjax.ops.gla import (
     retention_log_decays,
     simple_gla,
     simple_gla_step,
+    states_after,
 )
 
 H, K, V = 2, 8, 5
@@ -318,3 +319,39 @@ def test_rejects_positive_log_decay_when_concrete_and_under_opt_in_checkify():
         )
     with pytest.raises(checkify.JaxRuntimeError, match="g: expected log-decays g <= 0"):
         error.throw()
+
+
+@pytest.mark.parametrize("gate", ["gk", "g", None])
+def test_states_after_any_position_equal_the_final_states_of_prefixes(gate):
+    inputs = (make_gla_inputs if gate == "gk" else make_simple_gla_inputs)(
+        jax.random.key(9), 2, 45, jnp.float32
+    )
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    log_decay = None if gate is None else inputs[gate]
+    ids = jnp.asarray(np.array([[0] * 10 + [1] * 20 + [2] * 15, [0] * 45]))
+    h0 = random_state(jax.random.key(10), 2)
+    positions = jnp.array([[0, 9, 10, 29, 31, 44], [0, 15, 16, 17, 40, 44]])
+    after = states_after(
+        k, v, log_decay, positions, initial_state=h0, segment_ids=ids, chunk_size=16
+    )
+    assert after.shape == (2, 6, H, K, V)
+    decay = jnp.zeros(q.shape[:3]) if log_decay is None else log_decay
+    op = gla if gate == "gk" else simple_gla
+    for b in range(2):
+        for p, t in enumerate(np.asarray(positions[b])):
+            _, expected = op(
+                q[b : b + 1, : t + 1],
+                k[b : b + 1, : t + 1],
+                v[b : b + 1, : t + 1],
+                decay[b : b + 1, : t + 1],
+                initial_state=h0[b : b + 1],
+                segment_ids=ids[b : b + 1, : t + 1],
+                impl="reference",
+            )
+            assert_trees_close(after[b, p], expected[0], 1e-5, f"state after token {t}, row {b}")
+
+
+def test_states_after_rejects_out_of_range_positions():
+    inputs = make_simple_gla_inputs(jax.random.key(11), 1, 8, jnp.float32)
+    with pytest.raises(ValueError, match="positions: expected 0 <= positions < T = 8"):
+        states_after(inputs["k"], inputs["v"], inputs["g"], jnp.array([[8]]))
