@@ -1,6 +1,6 @@
 """Every op of seqjax on a real-size input: forward and forward+backward throughput.
 
-    python -m benchmarks.ops            # about two minutes on 2 CPU cores
+    python -m benchmarks.ops            # a few minutes on 2 CPU cores
     python -m benchmarks.ops --quick    # tiny sizes, a smoke test
 
 Each op runs at the sizes of a ~1B-parameter layer of its paper, shrunk in T and B to fit a
@@ -16,11 +16,15 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import compile_all, fmt_rate, markdown_table, median_seconds
+from seqjax.ops.gla import gla, linear_attention, simple_gla
 from seqjax.ops.hgrn import hgrn
 from seqjax.ops.lru import lru
+from seqjax.ops.mlstm import mlstm
+from seqjax.ops.prefix_linear_attention import prefix_linear_attention
 from seqjax.ops.rg_lru import rg_lru
 from seqjax.ops.s4 import nplr, s4d, s5
 from seqjax.ops.selective_scan import selective_scan
+from seqjax.ops.ssd import ssd
 from seqjax.scan import linear_recurrence
 
 
@@ -31,6 +35,50 @@ def normal(key, *shape):
 def complex_normal(key, *shape):
     kr, ki = jax.random.split(key)
     return (normal(kr, *shape) + 1j * normal(ki, *shape)) / jnp.sqrt(2.0)
+
+
+def matrix_state_cases(batch: int, length: int, width: int, key: jax.Array) -> dict:
+    """The linear-attention family at heads of 64 channels (width / 64 heads, K = V = 64)."""
+    heads, dim = max(width // 64, 1), min(width, 64)
+    k = jax.random.split(key, 8)
+    q, kk, v = (normal(k[i], batch, length, heads, dim) * dim**-0.25 for i in range(3))
+    per_head = normal(k[3], batch, length, heads)
+    positive = jax.nn.elu(q) + 1, jax.nn.elu(kk) + 1
+    groups, state = 1, 64
+    return {
+        "linear_attention": (
+            lambda q, k, v, impl: linear_attention(q, k, v, impl=impl),
+            (q, kk, v),
+        ),
+        "simple_gla": (
+            lambda q, k, v, g, impl: simple_gla(q, k, v, g, impl=impl),
+            (q, kk, v, jax.nn.log_sigmoid(4.0 + per_head)),
+        ),
+        "gla": (
+            lambda q, k, v, g, impl: gla(q, k, v, g, impl=impl),
+            (q, kk, v, jax.nn.log_sigmoid(normal(k[4], batch, length, heads, dim)) / 16),
+        ),
+        "ssd": (
+            lambda x, dt, A, B, C, impl: ssd(x, dt, A, B, C, impl=impl),
+            (
+                v,
+                per_head - 2.0,
+                -jnp.linspace(1.0, 16.0, heads),
+                normal(k[5], batch, length, groups, state),
+                normal(k[6], batch, length, groups, state),
+            ),
+        ),
+        "mlstm": (
+            lambda q, k, v, i, f, impl: mlstm(q, k, v, i, f, impl=impl),
+            (q, kk, v, per_head, 3.0 + normal(k[7], batch, length, heads)),
+        ),
+        "prefix_linear_attention": (
+            lambda q, k, v, ke, ve, impl: prefix_linear_attention(
+                q, k, v, ke, ve, length // 4, impl=impl
+            ),
+            (*positive, v, positive[1][:, ::-1], v[:, ::-1]),
+        ),
+    }
 
 
 def cases(batch: int, length: int, width: int, key: jax.Array) -> dict:
@@ -120,12 +168,18 @@ def main() -> None:
     tokens = args.batch * args.length
     print(f"device: {jax.devices()[0]}, B={args.batch} T={args.length} D={args.width} float32")
     rows = []
-    for name, (fn, inputs) in cases(args.batch, args.length, args.width, jax.random.key(0)).items():
+    key = jax.random.key(0)
+    every_case = {
+        **cases(args.batch, args.length, args.width, key),
+        **matrix_state_cases(args.batch, args.length, args.width, key),
+    }
+    for name, (fn, inputs) in every_case.items():
         impls = ("auto", "reference")
 
         def loss(*inputs, fn=fn, impl="auto"):
             out, state = fn(*inputs, impl)
-            return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(jnp.abs(state) ** 2)
+            state_norm = sum(jnp.sum(jnp.abs(leaf) ** 2) for leaf in jax.tree.leaves(state))
+            return jnp.sum(out.astype(jnp.float32) ** 2) + state_norm
 
         every_input = tuple(range(len(inputs)))
         forward = {impl: lambda *xs, fn=fn, impl=impl: fn(*xs, impl) for impl in impls}
