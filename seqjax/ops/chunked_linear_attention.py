@@ -103,6 +103,17 @@ def from_chunks(x: jax.Array, length: int) -> jax.Array:
     return jnp.moveaxis(x, 1, 2)
 
 
+def with_ones_column(v: jax.Array) -> jax.Array:
+    """`[..., V]` -> `[..., V + 1]`: a value column of ones, whose state column is the key sum
+    (the normalizer of linear attention, mLSTM and JRT)."""
+    return jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)
+
+
+def with_key_sum(matrix: jax.Array, key_sum: jax.Array) -> jax.Array:
+    """`[..., K, V]` and `[..., K]` as the one `[..., K, V + 1]` state of `with_ones_column`."""
+    return jnp.concatenate([matrix, key_sum[..., None]], axis=-1)
+
+
 def decay_potentials(log_decay: jax.Array) -> Potentials:
     """Potentials of `S_t = exp(g_t) S_{t-1} + k_t v_t^T` from `g: [B, H, N, C, G]` (<= 0)."""
     cumulative = jnp.cumsum(log_decay, axis=3)

@@ -105,21 +105,27 @@ def _chunked_form(q, k, v, log_decay, initial_state, segment_ids, chunk_size, pa
     return engine.from_chunks(o, length), final
 
 
+def _decay_and_state(log_decay, initial_state, k, v, acc):
+    """`log_decay: [B, T, H, G]` (zeros, G = 1, when None) and the initial state (zeros when
+    None), both in the accumulation dtype."""
+    batch, length, heads, key_dim = k.shape
+    if log_decay is None:
+        log_decay = jnp.zeros((batch, length, heads, 1), acc)
+    if initial_state is None:
+        initial_state = jnp.zeros((batch, heads, key_dim, v.shape[-1]), acc)
+    return log_decay.astype(acc), initial_state.astype(acc)
+
+
 def _run(q, k, v, log_decay, scale, initial_state, segment_ids, impl, chunk_size):
     """Shared body: float32 (or wider) accumulation, scale on q, dispatch.
 
     `log_decay: [B, T, H, G]` or None (no decay). `o` stays in the accumulation dtype."""
-    batch, length, heads, key_dim = q.shape
+    key_dim = q.shape[-1]
     inputs = [q, k, v] + [x for x in (log_decay, initial_state) if x is not None]
     acc = accumulation_dtype(*(x.dtype for x in inputs))
     scale = key_dim**-0.5 if scale is None else scale
     q, k, v = q.astype(acc) * scale, k.astype(acc), v.astype(acc)
-    if log_decay is None:
-        log_decay = jnp.zeros((batch, length, heads, 1), acc)
-    log_decay = log_decay.astype(acc)
-    if initial_state is None:
-        initial_state = jnp.zeros((batch, heads, key_dim, v.shape[-1]), acc)
-    initial_state = initial_state.astype(acc)
+    log_decay, initial_state = _decay_and_state(log_decay, initial_state, k, v, acc)
     if impl == "reference":
         o, final = _reference(q, k, v, log_decay, initial_state, segment_ids)
     else:
@@ -162,11 +168,10 @@ def linear_attention(
         o, final = _run(q, k, v, None, scale, initial_state, segment_ids, impl, chunk_size)
         return o.astype(v.dtype), final
     state = None if initial_state is None else _augmented_state(initial_state)
-    ones = jnp.ones((*v.shape[:-1], 1), v.dtype)
-    v_aug = jnp.concatenate([v, ones], axis=-1)
+    v_aug = engine.with_ones_column(v)
     _validate(q, k, v_aug, None, "", state, segment_ids, impl, chunk_size)
     o_aug, final = _run(q, k, v_aug, None, scale, state, segment_ids, impl, chunk_size)
-    o = _normalized_output(o_aug).astype(v.dtype)
+    o = normalized_output(o_aug).astype(v.dtype)
     return o, LinearAttentionState(final[..., :-1], final[..., -1])
 
 
@@ -177,10 +182,12 @@ def _augmented_state(state: LinearAttentionState) -> jax.Array:
             "initial_state: expected a LinearAttentionState(S, z) when normalize=True, "
             f"got {type(state).__name__}"
         )
-    return jnp.concatenate([state.S, state.z[..., None]], axis=-1)
+    return engine.with_key_sum(state.S, state.z)
 
 
-def _normalized_output(o_aug: jax.Array) -> jax.Array:
+def normalized_output(o_aug: jax.Array) -> jax.Array:
+    """`[..., V + 1]` (what was read from values and from `with_ones_column`'s ones) ->
+    `[..., V]`, the values divided by the normalizer plus `NORMALIZER_EPS`."""
     return o_aug[..., :-1] / (o_aug[..., -1:] + NORMALIZER_EPS)
 
 
@@ -258,21 +265,16 @@ def _state_pass(k, v, log_decay, initial_state, segment_ids, chunk_size):
         dims.check("initial_state", initial_state, "B H K V")
     checks.check_segment_ids(segment_ids, *k.shape[:2])
     checks.check_positive("chunk_size", chunk_size)
-    batch, length, heads, key_dim = k.shape
+    length = k.shape[1]
     acc = accumulation_dtype(k.dtype, v.dtype)
-    if log_decay is None:
-        log_decay = jnp.zeros((batch, length, heads, 1), acc)
-    elif log_decay.ndim == 3:
+    if log_decay is not None and log_decay.ndim == 3:
         log_decay = log_decay[..., None]
-    if initial_state is None:
-        initial_state = jnp.zeros((batch, heads, key_dim, v.shape[-1]), acc)
+    log_decay, initial_state = _decay_and_state(log_decay, initial_state, k, v, acc)
     size = min(chunk_size, length)
-    pot = engine.decay_potentials(engine.to_chunks(log_decay.astype(acc), size))
+    pot = engine.decay_potentials(engine.to_chunks(log_decay, size))
     k, v = (engine.to_chunks(x.astype(acc), size) for x in (k, v))
     counts = engine.segment_counts(segment_ids, length, size)
-    states, _ = engine.entering_states(
-        *engine.chunk_summaries(k, v, pot, counts), initial_state.astype(acc)
-    )
+    states, _ = engine.entering_states(*engine.chunk_summaries(k, v, pot, counts), initial_state)
     return k, v, pot, counts, states
 
 
@@ -351,10 +353,10 @@ def linear_attention_step(
     if not normalize:
         o_t, state = _step(q_t, k_t, v_t, no_decay, state, scale)
         return o_t.astype(v_t.dtype), state
-    v_aug = jnp.concatenate([v_t, jnp.ones((*v_t.shape[:-1], 1), v_t.dtype)], axis=-1)
+    v_aug = engine.with_ones_column(v_t)
     o_aug, state = _step(q_t, k_t, v_aug, no_decay, _augmented_state(state), scale)
     return (
-        _normalized_output(o_aug).astype(v_t.dtype),
+        normalized_output(o_aug).astype(v_t.dtype),
         LinearAttentionState(state[..., :-1], state[..., -1]),
     )
 

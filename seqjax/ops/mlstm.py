@@ -200,11 +200,7 @@ def _chunk_gates(log_forget: jax.Array, i: jax.Array, size: int) -> tuple[jax.Ar
 
 def _augmented_state(state: MLSTMState) -> jax.Array:
     """`(C, n)` as one `[B, H, K, V + 1]` state: n is the state of a value column of ones."""
-    return jnp.concatenate([state.C, state.n[..., None]], axis=-1)
-
-
-def _with_ones(v: jax.Array) -> jax.Array:
-    return jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)
+    return engine.with_key_sum(state.C, state.n)
 
 
 def _chunked_form(q, k, v, i, f, initial_state, segment_ids, chunk_size, parallel):
@@ -213,7 +209,7 @@ def _chunked_form(q, k, v, i, f, initial_state, segment_ids, chunk_size, paralle
     log_forget, i = _chunk_gates(jax.nn.log_sigmoid(f), i, size)
     counts = engine.segment_counts(segment_ids, length, size)
     pot, m, _ = _potentials(log_forget, i, counts, initial_state.m)
-    q, k, v = (engine.to_chunks(x, size) for x in (q, k, _with_ones(v)))
+    q, k, v = (engine.to_chunks(x, size) for x in (q, k, engine.with_ones_column(v)))
     state = _augmented_state(initial_state)
     if parallel:
         states, final = engine.entering_states(*engine.chunk_summaries(k, v, pot, counts), state)
@@ -303,7 +299,7 @@ def mlstm_chunk_states(
     log_forget, i = _chunk_gates(jax.nn.log_sigmoid(f.astype(acc)), i.astype(acc), size)
     counts = engine.segment_counts(segment_ids, length, size)
     pot, _, m_enter = _potentials(log_forget, i, counts, state.m)
-    k, v = (engine.to_chunks(x.astype(acc), size) for x in (k, _with_ones(v)))
+    k, v = (engine.to_chunks(x.astype(acc), size) for x in (k, engine.with_ones_column(v)))
     states, _ = engine.entering_states(
         *engine.chunk_summaries(k, v, pot, counts), _augmented_state(state)
     )

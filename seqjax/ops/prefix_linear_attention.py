@@ -27,13 +27,14 @@ import jax
 import jax.numpy as jnp
 
 from seqjax import checks
+from seqjax.ops import chunked_linear_attention as engine
 from seqjax.ops.common import reset, scan_tokens, token_starts
 from seqjax.ops.gla import (
     GLA_IMPLS,
-    NORMALIZER_EPS,
     GLAImpl,
     LinearAttentionState,
     linear_attention,
+    normalized_output,
 )
 from seqjax.scan.linear_recurrence import accumulation_dtype
 
@@ -107,22 +108,21 @@ def prefix_linear_attention(
     checks.check_choice("impl", impl, GLA_IMPLS)
 
     acc = accumulation_dtype(q.dtype, k.dtype, v.dtype, k_enc.dtype, v_enc.dtype)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     in_prefix = positions_in_segment(segment_ids, batch, length) < prefix_len[:, None]
     k_enc = jnp.where(in_prefix[..., None, None], k_enc, 0).astype(acc)
-    ones = jnp.ones((*v.shape[:-1], 1), acc)
-    v_aug = jnp.concatenate([v.astype(acc), ones], axis=-1)
-    v_enc_aug = jnp.concatenate([v_enc.astype(acc), ones], axis=-1)
+    v_aug, v_enc_aug = (engine.with_ones_column(x.astype(acc)) for x in (v, v_enc))
     state = None
     if initial_state is not None:
-        state = jnp.concatenate([initial_state.S, initial_state.z[..., None]], axis=-1)
+        state = engine.with_key_sum(initial_state.S, initial_state.z)
     if impl == "reference":
         read, final = _reference(q, k, v_aug, k_enc, v_enc_aug, state, segment_ids, scale)
     else:
         read, final = _engine_form(
             q, k, v_aug, k_enc, v_enc_aug, state, segment_ids, scale, impl, chunk_size
         )
-    y = read[..., :-1] / (read[..., -1:] + NORMALIZER_EPS)
-    return y.astype(v.dtype), LinearAttentionState(final[..., :-1], final[..., -1])
+    y = normalized_output(read).astype(v.dtype)
+    return y, LinearAttentionState(final[..., :-1], final[..., -1])
 
 
 def _engine_form(q, k, v_aug, k_enc, v_enc_aug, state, segment_ids, scale, impl, chunk_size):
@@ -147,7 +147,6 @@ def _engine_form(q, k, v_aug, k_enc, v_enc_aug, state, segment_ids, scale, impl,
     encoder_before, encoder_final = attend(q, k_enc, v_enc_aug, None, segment_ids)
     encoder_after = flip(attend(flip(q), flip(k_enc), flip(v_enc_aug), None, flip(segment_ids))[0])
     # Both encoder passes read token i's own encoder key; count it once.
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
     own = jnp.sum(q.astype(k_enc.dtype) * scale * k_enc, axis=-1, keepdims=True) * v_enc_aug
     return decoder + encoder_before + encoder_after - own, decoder_final + encoder_final
 
@@ -157,7 +156,6 @@ def _reference(q, k, v_aug, k_enc, v_enc_aug, state, segment_ids, scale):
     `S_enc` (every encoder key of its segment; those outside the prefix are zero) plus its
     causal decoder state."""
     batch, length, heads, key_dim = q.shape
-    scale = key_dim**-0.5 if scale is None else scale
     ids = jnp.zeros((batch, length), jnp.int32) if segment_ids is None else segment_ids
     same_segment = (ids[:, :, None] == ids[:, None, :]).astype(k_enc.dtype)  # [B, T, T]
     encoder_states = jnp.einsum("bij,bjhk,bjhv->bihkv", same_segment, k_enc, v_enc_aug)
