@@ -37,9 +37,9 @@ space, `sum_k q_tk k_jk exp(b_tk - b_jk)`. Both forms are exact; neither forms a
 more than `FACTORED_EXPONENT_LIMIT`.
 
 **Backward.** `chunked` is a `jax.custom_vjp` that keeps only the inputs and the chunk-entering
-states `[B, N, H, K, V]` (N = T / C). Its backward pass recomputes each chunk's matmuls,
+states `[B, H, N, K, V]` (N = T / C). Its backward pass recomputes each chunk's matmuls,
 differentiates them with `jax.vjp`, and runs the inter-chunk recurrence in reverse
-(`dS_n = dS_n^local + exp(exit - enter) dS_{n+1}`) through the scan layer.
+(`dS_n = dS_n^local + exp(exit - enter) dS_{n+1}`, by the forward pass's `pass_states`).
 
 Layout: `[B, H, N, C, ...]` (batch, head, chunk, position in chunk), float32 throughout. Heads
 before chunks make every matmul a plain batched one; XLA:CPU runs the batched `C x K x C`
@@ -53,8 +53,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-
-from seqjax.scan import linear_recurrence
+from jax import lax
 
 # Tokens per tile of the per-channel (GLA) intra-chunk form; chunks that are not a multiple
 # of it use the log-space form for the whole chunk. 8 plans a third less fwd+bwd memory than
@@ -161,25 +160,31 @@ def chunk_summaries(
     return decay[..., None], increment
 
 
-def chunk_recurrence(
+def pass_states(
     decay: jax.Array, increment: jax.Array, state: jax.Array, reverse: bool = False
 ) -> tuple[jax.Array, jax.Array]:
-    """The scan layer's `linear_recurrence` over the chunk axis N of `[B, H, N, K, V]`."""
-    batch, heads = increment.shape[:2]
+    """Runs `S <- decay_n S + increment_n` over the chunks n of `[B, H, N, K, V]` from `state`
+    (from the last chunk back when `reverse`); `decay: [B, H, N, G, 1]`.
 
-    def flat(x):  # B and H lead: merging them is free and puts N on axis 1.
-        return x.reshape(batch * heads, *x.shape[2:])
+    Returns the state before every step `[B, H, N, K, V]` and the state after the last. In
+    the forward pass those are the chunk-entering states and the final state; in reverse, on
+    cotangents, the gradients w.r.t. every chunk's leaving state and w.r.t. the initial state.
+    """
+    num_chunks = increment.shape[2]
+    per_chunk = (decay, increment)
 
-    h, last = linear_recurrence(flat(decay), flat(increment), flat(state), reverse=reverse)
-    return h.reshape(increment.shape), last.reshape(state.shape)
+    # The decay is read unbroadcast. The states go to a fresh buffer: written over the
+    # increments, XLA would copy that buffer every step (the write of state n does not
+    # depend on the read of increment n, so it cannot order them).
+    def step(i, carry):
+        state, out = carry
+        n = num_chunks - 1 - i if reverse else i
+        out = lax.dynamic_update_index_in_dim(out, state, n, 2)
+        decay_n, increment_n = (lax.dynamic_index_in_dim(x, n, 2, False) for x in per_chunk)
+        return decay_n * state + increment_n, out
 
-
-def entering_states(
-    decay: jax.Array, increment: jax.Array, initial_state: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """States entering every chunk `[B, H, N, K, V]` and the state after the last one."""
-    after, final = chunk_recurrence(decay, increment, initial_state)
-    return jnp.concatenate([initial_state[:, :, None], after[:, :, :-1]], axis=2), final
+    last, before = lax.fori_loop(0, num_chunks, step, (state, jnp.zeros_like(increment)))
+    return before, last
 
 
 def states_after(
@@ -364,7 +369,7 @@ def chunked(
     Returns `(o [B, H, N, C, V], final_state [B, H, K, V], states [B, H, N, K, V])`, the
     last being the states entering every chunk. Reverse-mode only (a `custom_vjp`).
     """
-    states, final = entering_states(*chunk_summaries(k, v, pot, counts), initial_state)
+    states, final = pass_states(*chunk_summaries(k, v, pot, counts), initial_state)
     return chunk_outputs(q, k, v, pot, counts, states, tile), final, states
 
 
@@ -388,10 +393,9 @@ def _chunked_bwd(tile, residuals, cotangents):
     (decay, _), summaries_vjp = jax.vjp(
         lambda k, v, pot: chunk_summaries(k, v, pot, counts), k, v, pot
     )
-    # Gradient w.r.t. the state entering chunk n: what chunk n reads from it, plus what
-    # flows back through the decay from the state entering chunk n + 1.
-    d_entering, d_initial = chunk_recurrence(decay, d_states_read + d_states, d_final, reverse=True)
-    d_leaving = jnp.concatenate([d_entering[:, :, 1:], d_final[:, :, None]], axis=2)
+    # Gradient w.r.t. the state leaving chunk n (entering n + 1): what chunk n + 1 reads
+    # from it, plus what flows back through chunk n + 1's decay.
+    d_leaving, d_initial = pass_states(decay, d_states_read + d_states, d_final, reverse=True)
     d_decay = jnp.sum(d_leaving * states, axis=-1, keepdims=True)
     if decay.shape[-2] == 1:
         d_decay = jnp.sum(d_decay, axis=-2, keepdims=True)

@@ -96,7 +96,7 @@ def _chunked_form(q, k, v, log_decay, initial_state, segment_ids, chunk_size, pa
     q, k, v = (engine.to_chunks(x, size) for x in (q, k, v))
     counts = engine.segment_counts(segment_ids, length, size)
     if parallel:
-        states, final = engine.entering_states(
+        states, final = engine.pass_states(
             *engine.chunk_summaries(k, v, pot, counts), initial_state
         )
         o = engine.chunk_outputs(q, k, v, pot, counts, states, tile=None)
@@ -274,7 +274,7 @@ def _state_pass(k, v, log_decay, initial_state, segment_ids, chunk_size):
     pot = engine.decay_potentials(engine.to_chunks(log_decay, size))
     k, v = (engine.to_chunks(x.astype(acc), size) for x in (k, v))
     counts = engine.segment_counts(segment_ids, length, size)
-    states, _ = engine.entering_states(*engine.chunk_summaries(k, v, pot, counts), initial_state)
+    states, _ = engine.pass_states(*engine.chunk_summaries(k, v, pot, counts), initial_state)
     return k, v, pot, counts, states
 
 

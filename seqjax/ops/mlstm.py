@@ -212,7 +212,7 @@ def _chunked_form(q, k, v, i, f, initial_state, segment_ids, chunk_size, paralle
     q, k, v = (engine.to_chunks(x, size) for x in (q, k, engine.with_ones_column(v)))
     state = _augmented_state(initial_state)
     if parallel:
-        states, final = engine.entering_states(*engine.chunk_summaries(k, v, pot, counts), state)
+        states, final = engine.pass_states(*engine.chunk_summaries(k, v, pot, counts), state)
         o = engine.chunk_outputs(q, k, v, pot, counts, states, tile=None)
     else:
         o, final, _ = engine.chunked(q, k, v, pot, state, counts, None)
@@ -300,7 +300,7 @@ def mlstm_chunk_states(
     counts = engine.segment_counts(segment_ids, length, size)
     pot, _, m_enter = _potentials(log_forget, i, counts, state.m)
     k, v = (engine.to_chunks(x.astype(acc), size) for x in (k, engine.with_ones_column(v)))
-    states, _ = engine.entering_states(
+    states, _ = engine.pass_states(
         *engine.chunk_summaries(k, v, pot, counts), _augmented_state(state)
     )
     states, m_enter = jnp.moveaxis(states, 2, 1), jnp.moveaxis(m_enter, 2, 1)  # N after B
