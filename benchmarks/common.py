@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -54,3 +55,57 @@ def fmt_rate(tokens: int, seconds: float) -> str:
 
 def fmt_bytes(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
+
+
+def forward_and_backward(fn, num_args):
+    """fn(*args) -> h; returns the forward and a forward+backward w.r.t. every argument."""
+
+    def loss(*args):
+        return jnp.sum(fn(*args).astype(jnp.float32) ** 2)
+
+    return fn, jax.grad(loss, argnums=tuple(range(num_args)))
+
+
+def impl_rows(
+    name_to_fn: dict[str, Callable[..., Any]],
+    args: Sequence[Any],
+    tokens: int,
+    repeats: int,
+    limit_bytes: int,
+) -> tuple[list[list[str]], dict[str, tuple[float | None, float | None, int]]]:
+    """Times the forward and forward+backward (of `sum(out ** 2)` w.r.t. every argument) of
+    each `fn(*args) -> out`, interleaved; an impl whose fwd+bwd scratch memory exceeds
+    `limit_bytes` is skipped. Rows: name, fwd tok/s, fwd+bwd tok/s, speed-up over the first
+    function, memory, bytes/token. Raw: name -> (fwd_s, fwdbwd_s, temp_bytes).
+    """
+    rows = []
+    forward = {}
+    backward = {}
+    for name, fn in name_to_fn.items():
+        forward[name], backward[name] = forward_and_backward(fn, len(args))
+    compiled_bwd = compile_all(backward, *args)
+    memory = {name: temp_bytes(c) for name, c in compiled_bwd.items()}
+    runnable = [name for name in name_to_fn if memory[name] <= limit_bytes]
+    compiled_fwd = compile_all({n: forward[n] for n in runnable}, *args)
+    fwd_s = median_seconds(compiled_fwd, *args, repeats=repeats)
+    bwd_s = median_seconds({n: compiled_bwd[n] for n in runnable}, *args, repeats=repeats)
+    baseline = next(iter(name_to_fn))
+    for name in name_to_fn:
+        if name not in runnable:
+            over = fmt_bytes(memory[name]) + " (over limit)"
+            rows.append([name, "skipped", "skipped", "", over, ""])
+            continue
+        speedup = ""
+        if baseline in runnable:
+            speedup = f"{fwd_s[baseline] / fwd_s[name]:.2f}x / {bwd_s[baseline] / bwd_s[name]:.2f}x"
+        rows.append(
+            [
+                name,
+                fmt_rate(tokens, fwd_s[name]),
+                fmt_rate(tokens, bwd_s[name]),
+                speedup,
+                fmt_bytes(memory[name]),
+                f"{memory[name] / tokens:.0f}",
+            ]
+        )
+    return rows, {n: (fwd_s.get(n), bwd_s.get(n), memory[n]) for n in name_to_fn}

@@ -120,9 +120,7 @@ def bench(op, batch, length, heads, dim, repeats, limit, peers, peer_max_length)
         )
         raw[impl] = {"fwd_s": fwd_s[impl], "fwdbwd_s": bwd_s[impl], "temp_bytes": memory[impl]}
     if op in peers and length <= peer_max_length:
-        numpy_args = [np.asarray(x) for x in args]
-        gate = numpy_args[3] if len(numpy_args) == 4 else None
-        peer_fwd, peer_bwd, _ = peers[op](*numpy_args[:3], gate, repeats)
+        peer_fwd, peer_bwd = peers[op]([np.asarray(x) for x in args], repeats)
         rows.append(
             [
                 "fla naive (PyTorch)",

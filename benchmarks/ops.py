@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import compile_all, fmt_rate, markdown_table, median_seconds
+from seqjax.ops.delta_rule import delta_rule, gated_delta_rule
 from seqjax.ops.gla import gla, linear_attention, simple_gla
 from seqjax.ops.hgrn import hgrn
 from seqjax.ops.lru import lru
@@ -44,6 +45,7 @@ def matrix_state_cases(batch: int, length: int, width: int, key: jax.Array) -> d
     q, kk, v = (normal(k[i], batch, length, heads, dim) * dim**-0.25 for i in range(3))
     per_head = normal(k[3], batch, length, heads)
     positive = jax.nn.elu(q) + 1, jax.nn.elu(kk) + 1
+    unit_keys = kk / jnp.linalg.norm(kk, axis=-1, keepdims=True)
     groups, state = 1, 64
     return {
         "linear_attention": (
@@ -57,6 +59,14 @@ def matrix_state_cases(batch: int, length: int, width: int, key: jax.Array) -> d
         "gla": (
             lambda q, k, v, g, impl: gla(q, k, v, g, impl=impl),
             (q, kk, v, jax.nn.log_sigmoid(normal(k[4], batch, length, heads, dim)) / 16),
+        ),
+        "delta_rule": (
+            lambda q, k, v, beta, impl: delta_rule(q, k, v, beta, impl=impl),
+            (q, unit_keys, v, 2.0 * jax.nn.sigmoid(per_head)),
+        ),
+        "gated_delta_rule": (
+            lambda q, k, v, g, beta, impl: gated_delta_rule(q, k, v, g, beta, impl=impl),
+            (q, unit_keys, v, jax.nn.log_sigmoid(4.0 + per_head), jax.nn.sigmoid(per_head)),
         ),
         "ssd": (
             lambda x, dt, A, B, C, impl: ssd(x, dt, A, B, C, impl=impl),

@@ -22,14 +22,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import (
-    compile_all,
-    fmt_bytes,
-    fmt_rate,
-    markdown_table,
-    median_seconds,
-    temp_bytes,
-)
+from benchmarks.common import impl_rows, markdown_table
 from seqjax.ops.selective_scan import selective_scan
 from seqjax.scan import linear_recurrence
 
@@ -44,49 +37,6 @@ def recurrentgemma_scans() -> dict:
         "recurrentgemma (unroll=128)": lambda a, b: rg_scan.linear_scan(b, a, unroll=128)[0],
         "recurrentgemma (unroll=1)": lambda a, b: rg_scan.linear_scan(b, a)[0],
     }
-
-
-def forward_and_backward(fn, num_args):
-    """fn(*args) -> h; returns the forward and a forward+backward w.r.t. every argument."""
-
-    def loss(*args):
-        return jnp.sum(fn(*args).astype(jnp.float32) ** 2)
-
-    return fn, jax.grad(loss, argnums=tuple(range(num_args)))
-
-
-def bench_case(name_to_fn, args, tokens, repeats, limit_bytes):
-    rows = []
-    forward = {}
-    backward = {}
-    for name, fn in name_to_fn.items():
-        forward[name], backward[name] = forward_and_backward(fn, len(args))
-    compiled_bwd = compile_all(backward, *args)
-    memory = {name: temp_bytes(c) for name, c in compiled_bwd.items()}
-    runnable = [name for name in name_to_fn if memory[name] <= limit_bytes]
-    compiled_fwd = compile_all({n: forward[n] for n in runnable}, *args)
-    fwd_s = median_seconds(compiled_fwd, *args, repeats=repeats)
-    bwd_s = median_seconds({n: compiled_bwd[n] for n in runnable}, *args, repeats=repeats)
-    baseline = next(iter(name_to_fn))
-    for name in name_to_fn:
-        if name not in runnable:
-            over = fmt_bytes(memory[name]) + " (over limit)"
-            rows.append([name, "skipped", "skipped", "", over, ""])
-            continue
-        speedup = ""
-        if baseline in runnable:
-            speedup = f"{fwd_s[baseline] / fwd_s[name]:.2f}x / {bwd_s[baseline] / bwd_s[name]:.2f}x"
-        rows.append(
-            [
-                name,
-                fmt_rate(tokens, fwd_s[name]),
-                fmt_rate(tokens, bwd_s[name]),
-                speedup,
-                fmt_bytes(memory[name]),
-                f"{memory[name] / tokens:.0f}",
-            ]
-        )
-    return rows, {n: (fwd_s.get(n), bwd_s.get(n), memory[n]) for n in name_to_fn}
 
 
 def main() -> None:
@@ -126,7 +76,7 @@ def main() -> None:
             for impl in ("sequential", "associative", "chunked")
         }
         fns.update(recurrentgemma_scans())
-        rows, raw = bench_case(fns, (a, b), args.batch * length, args.repeats, limit)
+        rows, raw = impl_rows(fns, (a, b), args.batch * length, args.repeats, limit)
         results["linear_recurrence"][length] = raw
         print(f"\nlinear_recurrence  B={args.batch} T={length} D={args.width} float32")
         print(markdown_table(headers, rows), flush=True)
@@ -143,7 +93,7 @@ def main() -> None:
             impl: lambda *inputs, impl=impl: selective_scan(*inputs, impl=impl)[0]
             for impl in ("reference", "chunked")
         }
-        rows, raw = bench_case(fns, (x, dt, A, B, C), batch * length, args.repeats, limit)
+        rows, raw = impl_rows(fns, (x, dt, A, B, C), batch * length, args.repeats, limit)
         results["selective_scan"][length] = raw
         print(f"\nselective_scan  B={batch} T={length} D={width} N={state} float32")
         print(markdown_table(headers, rows), flush=True)

@@ -94,6 +94,21 @@ def check_segment_ids(segment_ids: jax.Array | None, batch: int, length: int) ->
         )
 
 
+def check_positions(positions: jax.Array, batch: int, length: int) -> jax.Array:
+    """Token positions `[B, P]`: integers in [0, T) (the values checked when concrete)."""
+    positions = jnp.asarray(positions)
+    if positions.ndim != 2 or positions.shape[0] != batch:
+        raise ValueError(
+            f"positions: expected shape [B, P] with B = {batch}, got {positions.shape}"
+        )
+    if not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise TypeError(f"positions: expected an integer array, got {positions.dtype}")
+    check_values(
+        "positions", (positions >= 0) & (positions < length), f"0 <= positions < T = {length}"
+    )
+    return positions
+
+
 def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
     """Rejects a value outside a fixed set of choices (an `impl=`, a discretization)."""
     if value not in choices:

@@ -7,7 +7,9 @@ GLA, mLSTM, prefix linear attention) is, for each head, the recurrence
 
 with a diagonal decay `D_t` (a scalar per head, or one value per key channel) and a write
 weight `w_t`, computed in chunks of C tokens: within a chunk by masked matmuls, across chunks
-by passing one `[K, V]` state per chunk.
+by passing one `[K, V]` state per chunk. The delta rule (`seqjax.ops.delta_rule`) is this
+recurrence too once its writes are solved for, and uses the same pieces (`pass_states` also
+takes its full `[K, K]` chunk transitions).
 
 **Potentials.** The ops differ only in their gates, and the engine sees the gates in one form:
 log "potentials", per chunk and relative to the state entering it, such that
@@ -133,7 +135,7 @@ def segment_counts(segment_ids: jax.Array | None, length: int, chunk_size: int) 
     return jnp.cumsum(starts.reshape(starts.shape[0], 1, -1, chunk_size), axis=3)
 
 
-def _masked_exp(log_weight: jax.Array, valid: jax.Array | None) -> jax.Array:
+def masked_exp(log_weight: jax.Array, valid: jax.Array | None) -> jax.Array:
     """exp(log_weight) where valid, else 0; masked before the exp so no inf (or nan) appears."""
     if valid is None:
         return jnp.exp(log_weight)
@@ -153,18 +155,21 @@ def chunk_summaries(
     `increment: [B, H, N, K, V] = sum_j exp(exit - key_j) k_j v_j^T`.
     """
     writes_out = None if counts is None else counts == counts[..., -1:]
-    key_weight = _masked_exp(pot.exit[..., None, :] - pot.key, _expand(writes_out, pot.key.ndim))
+    key_weight = masked_exp(pot.exit[..., None, :] - pot.key, _expand(writes_out, pot.key.ndim))
     increment = jnp.einsum("bhnck,bhncv->bhnkv", k * key_weight, v)
     carries = None if counts is None else counts[..., -1] == 0
-    decay = _masked_exp(pot.exit - pot.enter, _expand(carries, pot.exit.ndim))
+    decay = masked_exp(pot.exit - pot.enter, _expand(carries, pot.exit.ndim))
     return decay[..., None], increment
 
 
 def pass_states(
     decay: jax.Array, increment: jax.Array, state: jax.Array, reverse: bool = False
 ) -> tuple[jax.Array, jax.Array]:
-    """Runs `S <- decay_n S + increment_n` over the chunks n of `[B, H, N, K, V]` from `state`
-    (from the last chunk back when `reverse`); `decay: [B, H, N, G, 1]`.
+    """Runs `S <- decay_n S + increment_n` over the chunks n of `[B, H, N, K, V]` from `state`.
+
+    `decay` is diagonal, `[B, H, N, G, 1]`, or a full transition `[B, H, N, K, K]` applied
+    as a matrix (the delta rule's). `reverse` runs the cotangent pass: from the last chunk
+    back, with `decay_n` transposed.
 
     Returns the state before every step `[B, H, N, K, V]` and the state after the last. In
     the forward pass those are the chunk-entering states and the final state; in reverse, on
@@ -172,6 +177,7 @@ def pass_states(
     """
     num_chunks = increment.shape[2]
     per_chunk = (decay, increment)
+    transposed = "bhji,bhjv->bhiv" if reverse else "bhij,bhjv->bhiv"
 
     # The decay is read unbroadcast. The states go to a fresh buffer: written over the
     # increments, XLA would copy that buffer every step (the write of state n does not
@@ -181,7 +187,9 @@ def pass_states(
         n = num_chunks - 1 - i if reverse else i
         out = lax.dynamic_update_index_in_dim(out, state, n, 2)
         decay_n, increment_n = (lax.dynamic_index_in_dim(x, n, 2, False) for x in per_chunk)
-        return decay_n * state + increment_n, out
+        if decay_n.shape[-1] == 1:
+            return decay_n * state + increment_n, out
+        return jnp.einsum(transposed, decay_n, state) + increment_n, out
 
     last, before = lax.fori_loop(0, num_chunks, step, (state, jnp.zeros_like(increment)))
     return before, last
@@ -220,10 +228,17 @@ def states_after(
         counts = at_chunk(counts)
         writes = writes & (counts == at_token(counts[..., None])[..., :1])
         carries = at_token(counts[..., None])[..., 0] == 0
-    key_weight = _masked_exp(exit_[..., None, :] - key, writes[..., None])
+    key_weight = masked_exp(exit_[..., None, :] - key, writes[..., None])
     written = jnp.einsum("bhpck,bhpcv->bhpkv", at_chunk(k) * key_weight, at_chunk(v))
-    decay = _masked_exp(exit_ - at_chunk(pot.enter), _expand(carries, exit_.ndim))
+    decay = masked_exp(exit_ - at_chunk(pot.enter), _expand(carries, exit_.ndim))
     return decay[..., None] * at_chunk(states) + written
+
+
+def entering_weight(pot: Potentials, counts: jax.Array | None) -> jax.Array:
+    """`[B, H, N, C, G]`: the weight of the chunk's entering state in what token t reads,
+    `exp(query_t - enter)`, 0 past the chunk's first segment start."""
+    reads_in = None if counts is None else counts == 0
+    return masked_exp(pot.query - pot.enter[..., None, :], _expand(reads_in, pot.query.ndim))
 
 
 def chunk_outputs(
@@ -237,18 +252,15 @@ def chunk_outputs(
 ) -> jax.Array:
     """`o: [B, H, N, C, V]`: what each token reads from its chunk's entering state (inter)
     plus what it reads from the earlier tokens of its chunk (intra)."""
-    reads_in = None if counts is None else counts == 0
-    query_weight = _masked_exp(
-        pot.query - pot.enter[..., None, :], _expand(reads_in, pot.query.ndim)
-    )
-    inter = jnp.einsum("bhnck,bhnkv->bhncv", q * query_weight, states)
+    inter = jnp.einsum("bhnck,bhnkv->bhncv", q * entering_weight(pot, counts), states)
     scores = intra_scores(q, k, pot, counts, tile)
     return inter + jnp.einsum("bhnts,bhnsv->bhntv", scores, v)
 
 
-def _pair_mask(counts: jax.Array | None, size: int) -> jax.Array:
-    """`[B, 1, N, C, C]` (`[1, 1, 1, C, C]` without segments) bool: s <= t in t's segment."""
-    causal = jnp.tril(jnp.ones((1, 1, 1, size, size), bool))
+def pair_mask(counts: jax.Array | None, size: int, strict: bool = False) -> jax.Array:
+    """`[B, 1, N, C, C]` (`[1, 1, 1, C, C]` without segments) bool: s <= t (s < t when
+    `strict`) in t's segment."""
+    causal = jnp.tril(jnp.ones((1, 1, 1, size, size), bool), -1 if strict else 0)
     if counts is None:
         return causal
     return causal & (counts[..., :, None] == counts[..., None, :])
@@ -261,14 +273,14 @@ def intra_scores(
     t's segment. `tile` cuts a per-channel chunk into tiles (module docstring); None, or a
     size that does not divide C, computes the whole chunk in log space."""
     size = q.shape[3]
-    mask = _pair_mask(counts, size)
+    mask = pair_mask(counts, size)
     if pot.query.shape[-1] == 1:
         # One decay per head: the [C, C] weights are one exp per pair.
         log_weight = pot.query[..., :, None, 0] - pot.key[..., None, :, 0]
-        return jnp.einsum("bhntk,bhnsk->bhnts", q, k) * _masked_exp(log_weight, mask)
+        return jnp.einsum("bhntk,bhnsk->bhnts", q, k) * masked_exp(log_weight, mask)
     if tile is None or size % tile or tile >= size:
         log_weight = pot.query[..., :, None, :] - pot.key[..., None, :, :]  # [B, H, N, C, C, K]
-        weight = _masked_exp(log_weight, mask[..., None])
+        weight = masked_exp(log_weight, mask[..., None])
         return jnp.einsum("bhntk,bhnsk,bhntsk->bhnts", q, k, weight)
     reference = mid_chunk_potential(pot)
     return jax.lax.cond(
@@ -342,12 +354,12 @@ def _tiled_intra_scores(
     query_factor = q * jnp.exp(query - reference[..., None, :])
     key_factor = k * jnp.exp(tile_end[..., None, :] - key)
     earlier = jnp.tril(jnp.ones((tiles, tiles), bool), -1)[..., None]
-    between = _masked_exp(reference[..., :, None, :] - tile_end[..., None, :, :], earlier)
+    between = masked_exp(reference[..., :, None, :] - tile_end[..., None, :, :], earlier)
     off_diagonal = jnp.einsum("bhnitk,bhnixk,bhnxsk->bhnitxs", query_factor, between, key_factor)
 
     log_weight = query[..., :, None, :] - key[..., None, :, :]  # [B, H, N, I, c, c, K]
     causal = jnp.tril(jnp.ones((tile, tile), bool))[..., None]
-    diagonal = jnp.einsum("bhnitk,bhnisk,bhnitsk->bhnits", q, k, _masked_exp(log_weight, causal))
+    diagonal = jnp.einsum("bhnitk,bhnisk,bhnitsk->bhnits", q, k, masked_exp(log_weight, causal))
     same_tile = jnp.eye(tiles, dtype=q.dtype)[:, None, :, None]
     scores = off_diagonal + diagonal[..., :, :, None, :] * same_tile
     return scores.reshape(batch, heads, num_chunks, size, size) * mask

@@ -314,18 +314,7 @@ def states_after(
     final state, as a prepacked prefill needs; any other position gives the state to roll
     back to. Costs one chunk's work per position beyond the chunk pass.
     """
-    positions = jnp.asarray(positions)
-    if positions.ndim != 2 or positions.shape[0] != k.shape[0]:
-        raise ValueError(
-            f"positions: expected shape [B, P] with B = {k.shape[0]}, got {positions.shape}"
-        )
-    if not jnp.issubdtype(positions.dtype, jnp.integer):
-        raise TypeError(f"positions: expected an integer array, got {positions.dtype}")
-    checks.check_values(
-        "positions",
-        (positions >= 0) & (positions < k.shape[1]),
-        f"0 <= positions < T = {k.shape[1]}",
-    )
+    positions = checks.check_positions(positions, *k.shape[:2])
     k, v, pot, counts, states = _state_pass(k, v, log_decay, initial_state, segment_ids, chunk_size)
     after = engine.states_after(k, v, pot, counts, states, positions)
     return jnp.moveaxis(after, 2, 1)  # [B, H, P, K, V] -> [B, P, H, K, V]

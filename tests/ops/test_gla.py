@@ -247,7 +247,7 @@ def test_the_three_intra_chunk_forms_agree(tile, strength):
     pot = engine.decay_potentials(engine.to_chunks(log_decay, 64))
     ids = jnp.asarray(np.repeat([[0, 1, 2, 3]], 16, axis=1).repeat(2, axis=0))
     counts = engine.segment_counts(ids, 64, 64)
-    mask = engine._pair_mask(counts, 64)
+    mask = engine.pair_mask(counts, 64)
     log_space = engine.intra_scores(q, k, pot, counts, tile=None)
     tiled = engine._tiled_intra_scores(q, k, pot, mask, tile)
     assert_trees_close(tiled, log_space, 1e-5, "tiled vs log-space scores")

@@ -1,0 +1,433 @@
+"""The delta-rule family: DeltaNet and Gated DeltaNet.
+
+For each head, with a `[K, V]` matrix state and `scale` (default `K ** -0.5`) on the query,
+
+    delta_rule:        S_t =          (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T
+    gated_delta_rule:  S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T
+                       o_t = S_t^T (scale q_t)
+
+with `beta: [B, T, H]` and `g: [B, T, H] <= 0` (Yang et al., "Parallelizing Linear
+Transformers with the Delta Rule over Sequence Length"; "Gated Delta Networks"; `fla.ops.
+{delta_rule, gated_delta_rule}`). Any real `beta` is computed exactly; with L2-normalized keys
+and `beta` in (0, 2) the transition `I - beta k k^T` has the eigenvalue `1 - beta` in (-1, 1)
+along `k` (Grazzi et al., "Unlocking State-Tracking in Linear RNNs Through Negative
+Eigenvalues"). The range of `beta` is the layer's business.
+
+**The delta write.** `S_t = exp(g_t) S_{t-1} + k_t u_t^T` with the write
+`u_t = beta_t (v_t - exp(g_t) S_{t-1}^T k_t)`: once the writes `u` are known, the delta rule is
+`simple_gla` with values `u`. Inside a chunk entered with state `S`, with in-chunk cumulative
+log-decay `b_t`, the writes solve a unit lower-triangular system (the UT transform of the WY
+representation):
+
+    (I + A) u = diag(beta) V - diag(beta exp(b)) K S,     A_ts = beta_t exp(b_t - b_s) k_t . k_s
+                                                                   (s < t, else 0)
+    u = U - W S,    U = (I + A)^-1 diag(beta) V,    W = (I + A)^-1 diag(beta exp(b)) K
+
+`U` and `W` do not depend on `S`, so every chunk computes them at once, and its transition is
+closed-form: `S_leaving = M S + D` with `M = exp(b_C) I - K~^T W` (`[K, K]`) and
+`D = K~^T U` (`[K, V]`), `K~_s = exp(b_C - b_s) k_s`. Only the pass of the states through
+the chunks (`S_{n+1} = M_n S_n + D_n`, one `[K, K] x [K, V]` matmul per chunk) is sequential;
+each chunk's output is then `chunked_linear_attention.chunk_outputs` with values `u`.
+
+Impls: `"reference"` (the token loop above), `"chunked"` (the chunk form, a `custom_vjp` that
+keeps only the inputs and the chunk-entering states and recomputes `U`, `W` in the backward
+pass; what `"auto"` picks), `"parallel"` (the chunk form with one chunk as long as the
+sequence, differentiated by JAX; O(T^2) memory and an O(T^3) solve, for short sequences and
+as a second reference). The chunked impl supports reverse-mode differentiation only.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from seqjax import checks
+from seqjax.ops import chunked_linear_attention as engine
+from seqjax.ops.common import reset, scan_tokens
+from seqjax.scan.linear_recurrence import accumulation_dtype
+
+DeltaImpl = Literal["auto", "reference", "chunked", "parallel"]
+DELTA_IMPLS: tuple[str, ...] = ("auto", "reference", "chunked", "parallel")
+DEFAULT_CHUNK_SIZE = 64
+
+
+def _validate(q, k, v, g, beta, initial_state, segment_ids, impl, chunk_size) -> None:
+    dims = checks.Dims()
+    dims.check("q", q, "B T H K")
+    dims.check("k", k, "B T H K")
+    dims.check("v", v, "B T H V")
+    dims.check("beta", beta, "B T H")
+    for name, x in (("q", q), ("k", k), ("v", v), ("beta", beta)):
+        checks.check_floating(name, x)
+    if g is not None:
+        dims.check("g", g, "B T H")
+        checks.check_floating("g", g)
+        checks.check_values("g", g <= 0, "log-decays g <= 0")
+    if initial_state is not None:
+        dims.check("initial_state", initial_state, "B H K V")
+    checks.check_segment_ids(segment_ids, *q.shape[:2])
+    checks.check_choice("impl", impl, DELTA_IMPLS)
+    checks.check_positive("chunk_size", chunk_size)
+
+
+def _token_step(state, q_t, k_t, v_t, g_t, beta_t):
+    """One token (scale already in `q_t`): `q_t, k_t: [B, H, K]`, `v_t: [B, H, V]`,
+    `g_t, beta_t: [B, H]`. Returns the new state and `o_t: [B, H, V]`.
+
+        S' = exp(g_t) S,   u_t = beta_t (v_t - S'^T k_t),   S_t = S' + k_t u_t^T
+    """
+    state = jnp.exp(g_t)[..., None, None] * state
+    write = beta_t[..., None] * (v_t - jnp.einsum("bhk,bhkv->bhv", k_t, state))
+    state = state + k_t[..., :, None] * write[..., None, :]
+    return state, jnp.einsum("bhk,bhkv->bhv", q_t, state)
+
+
+def _reference(q, k, v, g, beta, initial_state, segment_ids):
+    def step(state, xs):
+        start, (q_t, k_t, v_t, g_t, beta_t) = xs
+        return _token_step(reset(start, state), q_t, k_t, v_t, g_t, beta_t)
+
+    return scan_tokens(step, initial_state, (q, k, v, g, beta), segment_ids)
+
+
+# ----------------------------------------------------------------------------- chunk form
+# Arrays in the engine's layout: `[B, H, N, C, ...]`, `beta: [B, H, N, C]`, float32.
+
+
+def ut_transform(
+    k: jax.Array, v: jax.Array, beta: jax.Array, pot: engine.Potentials, counts: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
+    """`U: [B, H, N, C, V]` and `W: [B, H, N, C, K]` of every chunk (module docstring), by one
+    triangular solve `(I + A) [U | W] = diag(beta) [V | exp(b) K]`.
+
+    Segments: `A` pairs only tokens of one segment, and `W` is zero past the chunk's first
+    segment start (those tokens do not see the entering state).
+    """
+    value_dim = v.shape[-1]
+    pairs = engine.pair_mask(counts, k.shape[3], strict=True)
+    log_weight = pot.query[..., :, None, 0] - pot.key[..., None, :, 0]
+    a = jnp.einsum("bhntk,bhnsk->bhnts", k, k) * engine.masked_exp(log_weight, pairs)
+    a = beta[..., None] * a
+    rhs = beta[..., None] * jnp.concatenate([v, engine.entering_weight(pot, counts) * k], -1)
+    # unit_diagonal: the solver reads only the strictly lower part of `a`, as `I + A`.
+    solved = lax.linalg.triangular_solve(a, rhs, left_side=True, lower=True, unit_diagonal=True)
+    return solved[..., :value_dim], solved[..., value_dim:]
+
+
+def transitions(
+    k: jax.Array, u_part: jax.Array, w_part: jax.Array, pot: engine.Potentials, counts
+) -> tuple[jax.Array, jax.Array]:
+    """Each chunk's `S_leaving = M S_entering + D`: `M: [B, H, N, K, K]`, `D: [B, H, N, K, V]`
+    from `U = u_part`, `W = w_part` (`M = exp(b_C) I - K~^T W`, `D = K~^T U`)."""
+    value_dim = u_part.shape[-1]
+    decay, increment = engine.chunk_summaries(k, jnp.concatenate([u_part, w_part], -1), pot, counts)
+    identity = jnp.eye(k.shape[-1], dtype=k.dtype)
+    return decay * identity - increment[..., value_dim:], increment[..., :value_dim]
+
+
+def writes(u_part: jax.Array, w_part: jax.Array, states: jax.Array) -> jax.Array:
+    """`u = U - W S: [B, H, N, C, V]`, every chunk's writes given its entering state."""
+    return u_part - jnp.einsum("bhnck,bhnkv->bhncv", w_part, states)
+
+
+def _outputs(q, k, u_part, w_part, pot, counts, states):
+    u = writes(u_part, w_part, states)
+    return engine.chunk_outputs(q, k, u, pot, counts, states, tile=None)
+
+
+@jax.custom_vjp
+def chunked(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    pot: engine.Potentials,
+    initial_state: jax.Array,
+    counts: jax.Array | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The chunked delta rule on `q, k: [B, H, N, C, K]`, `v: [B, H, N, C, V]`,
+    `beta: [B, H, N, C]` (scale already in `q`), scalar-decay potentials, `initial_state:
+    [B, H, K, V]`, `counts` from `engine.segment_counts` (or None).
+
+    Returns `(o [B, H, N, C, V], final_state [B, H, K, V], states [B, H, N, K, V])`, the
+    last being the states entering every chunk. Reverse-mode only (a `custom_vjp`).
+    """
+    u_part, w_part = ut_transform(k, v, beta, pot, counts)
+    states, final = engine.pass_states(*transitions(k, u_part, w_part, pot, counts), initial_state)
+    return _outputs(q, k, u_part, w_part, pot, counts, states), final, states
+
+
+def _chunked_fwd(q, k, v, beta, pot, initial_state, counts):
+    out = chunked(q, k, v, beta, pot, initial_state, counts)
+    return out, (q, k, v, beta, pot, counts, out[2])
+
+
+def _chunked_bwd(residuals, cotangents):
+    q, k, v, beta, pot, counts, states = residuals
+    d_out, d_final, d_states = cotangents
+    (u_part, w_part), ut_vjp = jax.vjp(
+        lambda k, v, beta, pot: ut_transform(k, v, beta, pot, counts), k, v, beta, pot
+    )
+    _, outputs_vjp = jax.vjp(
+        lambda q, k, u_part, w_part, pot, states: _outputs(
+            q, k, u_part, w_part, pot, counts, states
+        ),
+        q,
+        k,
+        u_part,
+        w_part,
+        pot,
+        states,
+    )
+    dq, dk, du_part, dw_part, d_pot, d_states_read = outputs_vjp(d_out)
+    (transition, _), transitions_vjp = jax.vjp(
+        lambda k, u_part, w_part, pot: transitions(k, u_part, w_part, pot, counts),
+        k,
+        u_part,
+        w_part,
+        pot,
+    )
+    # Gradient w.r.t. the state leaving chunk n: what chunk n + 1 reads from it, plus what
+    # flows back through chunk n + 1's transition.
+    d_leaving, d_initial = engine.pass_states(
+        transition, d_states_read + d_states, d_final, reverse=True
+    )
+    d_transition = jnp.einsum("bhnkv,bhnjv->bhnkj", d_leaving, states)
+    dk2, du_part2, dw_part2, d_pot2 = transitions_vjp((d_transition, d_leaving))
+    dk3, dv, d_beta, d_pot3 = ut_vjp((du_part + du_part2, dw_part + dw_part2))
+    d_pot = jax.tree.map(lambda *xs: sum(xs), d_pot, d_pot2, d_pot3)
+    return dq, dk + dk2 + dk3, dv, d_beta, d_pot, d_initial, None
+
+
+chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+class _Chunks:
+    """Inputs `[B, T, H, ...]` in the engine's chunk layout, with their potentials and
+    segment counts; `size` tokens per chunk."""
+
+    def __init__(self, k, v, g, beta, segment_ids, size):
+        length = k.shape[1]
+        self.length = length
+        self.pot = engine.decay_potentials(engine.to_chunks(g[..., None], size))
+        self.k, self.v = (engine.to_chunks(x, size) for x in (k, v))
+        self.beta = engine.to_chunks(beta, size)
+        self.counts = engine.segment_counts(segment_ids, length, size)
+
+    def transitions(self) -> tuple[jax.Array, jax.Array]:
+        return transitions(self.k, *ut_transform(*self.parts()), self.pot, self.counts)
+
+    def parts(self):
+        return self.k, self.v, self.beta, self.pot, self.counts
+
+
+def _prepare(k, v, g, beta, initial_state, extra=()):
+    """Float32 (or wider) copies: `g` zeros when None, the initial state zeros when None."""
+    batch, length, heads, key_dim = k.shape
+    present = [x for x in (k, v, g, beta, initial_state, *extra) if x is not None]
+    acc = accumulation_dtype(*(x.dtype for x in present))
+    if g is None:
+        g = jnp.zeros((batch, length, heads), acc)
+    if initial_state is None:
+        initial_state = jnp.zeros((batch, heads, key_dim, v.shape[-1]), acc)
+    return acc, (x.astype(acc) for x in (k, v, g, beta, initial_state))
+
+
+def _run(q, k, v, g, beta, scale, initial_state, segment_ids, impl, chunk_size):
+    acc, (k, v, g, beta, initial_state) = _prepare(k, v, g, beta, initial_state, (q,))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q = q.astype(acc) * scale
+    if impl == "reference":
+        return _reference(q, k, v, g, beta, initial_state, segment_ids)
+    length = q.shape[1]
+    size = length if impl == "parallel" else min(chunk_size, length)
+    chunks = _Chunks(k, v, g, beta, segment_ids, size)
+    q = engine.to_chunks(q, size)
+    if impl == "parallel":
+        u_part, w_part = ut_transform(*chunks.parts())
+        trans = transitions(chunks.k, u_part, w_part, chunks.pot, chunks.counts)
+        states, final = engine.pass_states(*trans, initial_state)
+        o = _outputs(q, chunks.k, u_part, w_part, chunks.pot, chunks.counts, states)
+    else:
+        o, final, _ = chunked(q, *chunks.parts()[:4], initial_state, chunks.counts)
+    return engine.from_chunks(o, length), final
+
+
+def delta_rule(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    *,
+    scale: float | None = None,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    impl: DeltaImpl = "auto",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[jax.Array, jax.Array]:
+    """DeltaNet: `S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T`, `o_t = S_t^T q_t`.
+
+    Args:
+      q, k: `[B, T, H, K]` (DeltaNet L2-normalizes both; the op does not); v: `[B, T, H, V]`.
+      beta: write strengths `[B, T, H]`, any real value (0..2 gives negative eigenvalues).
+      scale: multiplies `q` (in `o_t`); None means `K ** -0.5`.
+      initial_state: `[B, H, K, V]`; None: zeros.
+      segment_ids: `[B, T]` ints; the state restarts at every new segment.
+      impl: `"reference"`, `"chunked"`, `"parallel"` or `"auto"` (`"chunked"`).
+      chunk_size: tokens per chunk of `"chunked"`.
+
+    Returns:
+      `o: [B, T, H, V]` in the dtype of `v`, and the float32 state `[B, H, K, V]` after each
+      row's last token.
+    """
+    _validate(q, k, v, None, beta, initial_state, segment_ids, impl, chunk_size)
+    o, final = _run(q, k, v, None, beta, scale, initial_state, segment_ids, impl, chunk_size)
+    return o.astype(v.dtype), final
+
+
+def gated_delta_rule(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    *,
+    scale: float | None = None,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    impl: DeltaImpl = "auto",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[jax.Array, jax.Array]:
+    """Gated DeltaNet: `S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T`.
+
+    Args:
+      q, k, v, beta: as in `delta_rule`.
+      g: log-decays `[B, T, H]`, `g <= 0` (checked when concrete).
+      scale, initial_state, segment_ids, impl, chunk_size: as in `delta_rule`.
+
+    Returns:
+      `o: [B, T, H, V]` in the dtype of `v`, and the float32 state `[B, H, K, V]`.
+    """
+    _validate(q, k, v, g, beta, initial_state, segment_ids, impl, chunk_size)
+    o, final = _run(q, k, v, g, beta, scale, initial_state, segment_ids, impl, chunk_size)
+    return o.astype(v.dtype), final
+
+
+def _validated_chunks(k, v, beta, g, initial_state, segment_ids, chunk_size):
+    """`(chunks, initial_state)` for the state functions below, inputs checked."""
+    dims = checks.Dims()
+    dims.check("k", k, "B T H K")
+    dims.check("v", v, "B T H V")
+    dims.check("beta", beta, "B T H")
+    if g is not None:
+        dims.check("g", g, "B T H")
+        checks.check_values("g", g <= 0, "log-decays g <= 0")
+    if initial_state is not None:
+        dims.check("initial_state", initial_state, "B H K V")
+    checks.check_segment_ids(segment_ids, *k.shape[:2])
+    checks.check_positive("chunk_size", chunk_size)
+    _, (k, v, g, beta, initial_state) = _prepare(k, v, g, beta, initial_state)
+    return _Chunks(k, v, g, beta, segment_ids, min(chunk_size, k.shape[1])), initial_state
+
+
+def chunk_transition(
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    g: jax.Array | None = None,
+    *,
+    segment_ids: jax.Array | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[jax.Array, jax.Array]:
+    """Every chunk's whole transition in closed form, `S_leaving = M S_entering + D`.
+
+    Returns `M: [B, N, H, K, K]` and `D: [B, N, H, K, V]` (N = ceil(T / chunk_size)) of
+    `delta_rule` (`g=None`) or `gated_delta_rule`. Composing them, `(M2, D2) . (M1, D1) =
+    (M2 M1, M2 D1 + D2)`, combines chunks (and devices, for sequence parallelism).
+    """
+    chunks, _ = _validated_chunks(k, v, beta, g, None, segment_ids, chunk_size)
+    return tuple(jnp.moveaxis(x, 2, 1) for x in chunks.transitions())
+
+
+def chunk_states(
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    g: jax.Array | None = None,
+    *,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> jax.Array:
+    """The states entering every chunk, `[B, N, H, K, V]` with `N = ceil(T / chunk_size)`:
+    state `n` is the state after token `n * chunk_size - 1` (state 0 is `initial_state`)."""
+    chunks, state = _validated_chunks(k, v, beta, g, initial_state, segment_ids, chunk_size)
+    states, _ = engine.pass_states(*chunks.transitions(), state)
+    return jnp.moveaxis(states, 2, 1)
+
+
+def states_after(
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    g: jax.Array | None,
+    positions: jax.Array,
+    *,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> jax.Array:
+    """The state after each token of `positions: [B, P]` (ints in [0, T)), `[B, P, H, K, V]`.
+
+    As `seqjax.ops.gla.states_after` (every segment's final state for a prepacked prefill,
+    or a rollback point): the chunk states give every chunk's writes `u`, and the state after
+    a token is then that of `simple_gla` with values `u`.
+    """
+    positions = checks.check_positions(positions, *k.shape[:2])
+    chunks, state = _validated_chunks(k, v, beta, g, initial_state, segment_ids, chunk_size)
+    u_part, w_part = ut_transform(*chunks.parts())
+    trans = transitions(chunks.k, u_part, w_part, chunks.pot, chunks.counts)
+    states, _ = engine.pass_states(*trans, state)
+    u = writes(u_part, w_part, states)
+    after = engine.states_after(chunks.k, u, chunks.pot, chunks.counts, states, positions)
+    return jnp.moveaxis(after, 2, 1)
+
+
+def _step(q_t, k_t, v_t, g_t, beta_t, state, scale):
+    scale = q_t.shape[-1] ** -0.5 if scale is None else scale
+    acc = accumulation_dtype(*(x.dtype for x in (q_t, k_t, v_t, g_t, beta_t, state)))
+    q_t, k_t, v_t, g_t, beta_t = (x.astype(acc) for x in (q_t, k_t, v_t, g_t, beta_t))
+    state, o_t = _token_step(state.astype(acc), q_t * scale, k_t, v_t, g_t, beta_t)
+    return o_t.astype(v_t.dtype), state
+
+
+def delta_rule_step(
+    q_t: jax.Array,
+    k_t: jax.Array,
+    v_t: jax.Array,
+    beta_t: jax.Array,
+    state: jax.Array,
+    *,
+    scale: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """One decoding step of `delta_rule`: `q_t, k_t: [B, H, K]`, `v_t: [B, H, V]`,
+    `beta_t: [B, H]`, `state: [B, H, K, V]`. Returns `(o_t, new_state)`."""
+    return _step(q_t, k_t, v_t, jnp.zeros_like(beta_t), beta_t, state, scale)
+
+
+def gated_delta_rule_step(
+    q_t: jax.Array,
+    k_t: jax.Array,
+    v_t: jax.Array,
+    g_t: jax.Array,
+    beta_t: jax.Array,
+    state: jax.Array,
+    *,
+    scale: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """One decoding step of `gated_delta_rule`: `g_t, beta_t: [B, H]`, the rest as
+    `delta_rule_step`."""
+    return _step(q_t, k_t, v_t, g_t, beta_t, state, scale)
