@@ -38,11 +38,11 @@ as a second reference). The chunked impl supports reverse-mode differentiation o
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from seqjax import checks
 from seqjax.ops import chunked_linear_attention as engine
@@ -52,6 +52,9 @@ from seqjax.scan.linear_recurrence import accumulation_dtype
 DeltaImpl = Literal["auto", "reference", "chunked", "parallel"]
 DELTA_IMPLS: tuple[str, ...] = ("auto", "reference", "chunked", "parallel")
 DEFAULT_CHUNK_SIZE = 64
+# Rows of the diagonal blocks that `unit_lower_inverse` inverts by forward substitution;
+# 16 measured fastest (of 1, 4, 8, 16) at C = 64.
+SUBSTITUTION_BLOCK = 16
 
 
 def _validate(q, k, v, g, beta, initial_state, segment_ids, impl, chunk_size) -> None:
@@ -100,21 +103,81 @@ def _reference(q, k, v, g, beta, initial_state, segment_ids):
 def ut_transform(
     k: jax.Array, v: jax.Array, beta: jax.Array, pot: engine.Potentials, counts: jax.Array | None
 ) -> tuple[jax.Array, jax.Array]:
-    """`U: [B, H, N, C, V]` and `W: [B, H, N, C, K]` of every chunk (module docstring), by one
-    triangular solve `(I + A) [U | W] = diag(beta) [V | exp(b) K]`.
+    """`U: [B, H, N, C, V]` and `W: [B, H, N, C, K]` of every chunk (module docstring):
+    `U = (I + A)^-1 diag(beta) V`, `W = (I + A)^-1 diag(beta exp(b)) K`.
 
     Segments: `A` pairs only tokens of one segment, and `W` is zero past the chunk's first
     segment start (those tokens do not see the entering state).
     """
-    value_dim = v.shape[-1]
     pairs = engine.pair_mask(counts, k.shape[3], strict=True)
     log_weight = pot.query[..., :, None, 0] - pot.key[..., None, :, 0]
     a = jnp.einsum("bhntk,bhnsk->bhnts", k, k) * engine.masked_exp(log_weight, pairs)
-    a = beta[..., None] * a
-    rhs = beta[..., None] * jnp.concatenate([v, engine.entering_weight(pot, counts) * k], -1)
-    # unit_diagonal: the solver reads only the strictly lower part of `a`, as `I + A`.
-    solved = lax.linalg.triangular_solve(a, rhs, left_side=True, lower=True, unit_diagonal=True)
-    return solved[..., :value_dim], solved[..., value_dim:]
+    beta = beta[..., None]
+    return solve_unit_lower(beta * a, beta * v, beta * engine.entering_weight(pot, counts) * k)
+
+
+@jax.custom_vjp
+def solve_unit_lower(a: jax.Array, *rhs: jax.Array) -> tuple[jax.Array, ...]:
+    """`x = (I + a)^-1 r` for strictly lower-triangular `a: [..., n, n]` and each `r` of `rhs`
+    (`[..., n, m]`), one inverse for all.
+
+    Its VJP is closed-form, `d_r = (I + a)^-T dx` and `d_a = -strict_tril(sum d_r x^T)` (the
+    solve reads only the strictly lower part of `a`), rather than the derivative of every
+    step of `unit_lower_inverse`. Separate right-hand sides rather than one concatenated:
+    two `[n, n] x [n, m]` matmuls ran faster on XLA:CPU than one `[n, n] x [n, 2 m]`.
+    """
+    inverse = unit_lower_inverse(a)
+    return tuple(inverse @ r for r in rhs)
+
+
+def _solve_unit_lower_fwd(a, *rhs):
+    inverse = unit_lower_inverse(a)
+    xs = tuple(inverse @ r for r in rhs)
+    return xs, (inverse, xs)
+
+
+def _solve_unit_lower_bwd(residuals, dxs):
+    inverse, xs = residuals
+    d_rhs = tuple(jnp.swapaxes(inverse, -1, -2) @ dx for dx in dxs)
+    d_a = sum(d_r @ jnp.swapaxes(x, -1, -2) for d_r, x in zip(d_rhs, xs, strict=True))
+    return (-jnp.tril(d_a, -1), *d_rhs)
+
+
+solve_unit_lower.defvjp(_solve_unit_lower_fwd, _solve_unit_lower_bwd)
+
+
+def unit_lower_inverse(a: jax.Array) -> jax.Array:
+    """`(I + a)^-1` for strictly lower-triangular `a: [..., n, n]`, by matmuls only.
+
+    Blockwise, `[[I + a11, 0], [a21, I + a22]]^-1 = [[T11, 0], [-T22 a21 T11, T22]]`, with
+    both diagonal blocks inverted at once (stacked) and recursively, down to blocks of
+    `SUBSTITUTION_BLOCK` rows, which forward substitution inverts row by row. `n` is padded
+    to such a block times a power of two (the padding is an identity block). XLA:CPU's
+    triangular solve (a LAPACK call per matrix) measured 2x slower, and deadlocked on
+    concurrent calls in jaxlib 0.10.2.
+    """
+    size = a.shape[-1]
+    padded = SUBSTITUTION_BLOCK * 2 ** max(0, math.ceil(math.log2(size / SUBSTITUTION_BLOCK)))
+    if size <= SUBSTITUTION_BLOCK:
+        return _forward_substitution(a)
+    if padded != size:
+        widths = ((0, 0),) * (a.ndim - 2) + ((0, padded - size),) * 2
+        return unit_lower_inverse(jnp.pad(a, widths))[..., :size, :size]
+    half = size // 2
+    t11, t22 = unit_lower_inverse(jnp.stack([a[..., :half, :half], a[..., half:, half:]]))
+    t21 = -(t22 @ a[..., half:, :half] @ t11)
+    top = jnp.concatenate([t11, jnp.zeros_like(t11)], -1)
+    return jnp.concatenate([top, jnp.concatenate([t21, t22], -1)], -2)
+
+
+def _forward_substitution(a: jax.Array) -> jax.Array:
+    """`(I + a)^-1` row by row: `T_i = e_i - sum_{j < i} a_ij T_j` (rows j >= i of `T` are
+    still those of I, and `a_ij = 0` there)."""
+    size = a.shape[-1]
+    inverse = jnp.broadcast_to(jnp.eye(size, dtype=a.dtype), a.shape)
+    for i in range(1, size):
+        inverse = inverse.at[..., i, :].add(-jnp.einsum("...j,...jk->...k", a[..., i, :], inverse))
+    return inverse
 
 
 def transitions(
@@ -122,10 +185,9 @@ def transitions(
 ) -> tuple[jax.Array, jax.Array]:
     """Each chunk's `S_leaving = M S_entering + D`: `M: [B, H, N, K, K]`, `D: [B, H, N, K, V]`
     from `U = u_part`, `W = w_part` (`M = exp(b_C) I - K~^T W`, `D = K~^T U`)."""
-    value_dim = u_part.shape[-1]
-    decay, increment = engine.chunk_summaries(k, jnp.concatenate([u_part, w_part], -1), pot, counts)
-    identity = jnp.eye(k.shape[-1], dtype=k.dtype)
-    return decay * identity - increment[..., value_dim:], increment[..., :value_dim]
+    decay, increment = engine.chunk_summaries(k, u_part, pot, counts)
+    _, forgotten = engine.chunk_summaries(k, w_part, pot, counts)
+    return decay * jnp.eye(k.shape[-1], dtype=k.dtype) - forgotten, increment
 
 
 def writes(u_part: jax.Array, w_part: jax.Array, states: jax.Array) -> jax.Array:

@@ -195,7 +195,7 @@ def test_states_after_any_position_equal_the_final_states_of_prefixes(gated):
 
 
 def test_chunked_memory_is_linear_in_length_and_holds_no_per_token_states():
-    def bytes_per_token(length, value_dim, key_dim=32):
+    def bytes_per_token(length, value_dim, key_dim=64):
         def loss(q, k, v, g, beta):
             o, final = gated_delta_rule(q, k, v, g, beta, impl="chunked", chunk_size=64)
             return jnp.sum(o) + jnp.sum(final)
@@ -209,8 +209,10 @@ def test_chunked_memory_is_linear_in_length_and_holds_no_per_token_states():
 
     assert bytes_per_token(4096, 32) <= 1.1 * bytes_per_token(1024, 32)
     # Per-token [K, V] states would add K * 4 bytes per token for every value channel.
+    # The chunk form keeps about 8 values per token and value channel (v, U, u, o and their
+    # cotangents), a fraction of K = 64.
     growth = bytes_per_token(1024, 256) - bytes_per_token(1024, 32)
-    assert growth < 32 * (256 - 32) * 4 / 4
+    assert growth < 64 * (256 - 32) * 4 / 4
 
 
 def test_rejects_mismatched_head_counts():
