@@ -200,8 +200,7 @@ def _outputs(q, k, u_part, w_part, pot, counts, states):
     return engine.chunk_outputs(q, k, u, pot, counts, states, tile=None)
 
 
-@jax.custom_vjp
-def chunked(
+def chunk_form(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
@@ -210,20 +209,25 @@ def chunked(
     initial_state: jax.Array,
     counts: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The chunked delta rule on `q, k: [B, H, N, C, K]`, `v: [B, H, N, C, V]`,
+    """The delta rule in chunks, on `q, k: [B, H, N, C, K]`, `v: [B, H, N, C, V]`,
     `beta: [B, H, N, C]` (scale already in `q`), scalar-decay potentials, `initial_state:
     [B, H, K, V]`, `counts` from `engine.segment_counts` (or None).
 
     Returns `(o [B, H, N, C, V], final_state [B, H, K, V], states [B, H, N, K, V])`, the
-    last being the states entering every chunk. Reverse-mode only (a `custom_vjp`).
+    last being the states entering every chunk. `chunked` is this with a `custom_vjp`;
+    `"parallel"` differentiates it plainly, with one chunk.
     """
     u_part, w_part = ut_transform(k, v, beta, pot, counts)
     states, final = engine.pass_states(*transitions(k, u_part, w_part, pot, counts), initial_state)
     return _outputs(q, k, u_part, w_part, pot, counts, states), final, states
 
 
+# Reverse-mode only: keeps the inputs and the chunk-entering states, recomputes the rest.
+chunked = jax.custom_vjp(chunk_form)
+
+
 def _chunked_fwd(q, k, v, beta, pot, initial_state, counts):
-    out = chunked(q, k, v, beta, pot, initial_state, counts)
+    out = chunk_form(q, k, v, beta, pot, initial_state, counts)
     return out, (q, k, v, beta, pot, counts, out[2])
 
 
@@ -273,7 +277,6 @@ class _Chunks:
 
     def __init__(self, k, v, g, beta, segment_ids, size):
         length = k.shape[1]
-        self.length = length
         self.pot = engine.decay_potentials(engine.to_chunks(g[..., None], size))
         self.k, self.v = (engine.to_chunks(x, size) for x in (k, v))
         self.beta = engine.to_chunks(beta, size)
@@ -308,13 +311,8 @@ def _run(q, k, v, g, beta, scale, initial_state, segment_ids, impl, chunk_size):
     size = length if impl == "parallel" else min(chunk_size, length)
     chunks = _Chunks(k, v, g, beta, segment_ids, size)
     q = engine.to_chunks(q, size)
-    if impl == "parallel":
-        u_part, w_part = ut_transform(*chunks.parts())
-        trans = transitions(chunks.k, u_part, w_part, chunks.pot, chunks.counts)
-        states, final = engine.pass_states(*trans, initial_state)
-        o = _outputs(q, chunks.k, u_part, w_part, chunks.pot, chunks.counts, states)
-    else:
-        o, final, _ = chunked(q, *chunks.parts()[:4], initial_state, chunks.counts)
+    form = chunk_form if impl == "parallel" else chunked
+    o, final, _ = form(q, *chunks.parts()[:4], initial_state, chunks.counts)
     return engine.from_chunks(o, length), final
 
 

@@ -43,69 +43,51 @@ def random_state(key, batch):
     return jax.random.normal(key, (batch, H, K, V))
 
 
-def delta_spec(beta_max: float, unit_keys: bool) -> OpSpec:
+def delta_spec(gated: bool, beta_max: float, unit_keys: bool) -> OpSpec:
+    """`gated_delta_rule` (gated) or `delta_rule` on `make_inputs`'s inputs."""
+
+    def gates(inputs):  # the op's gate arguments, in its order
+        return (inputs["g"], inputs["beta"]) if gated else (inputs["beta"],)
+
+    op, step = (gated_delta_rule, gated_delta_rule_step) if gated else (delta_rule, delta_rule_step)
     return OpSpec(
         make_inputs=functools.partial(
-            make_inputs, beta_max=beta_max, unit_keys=unit_keys, gated=False
+            make_inputs, beta_max=beta_max, unit_keys=unit_keys, gated=gated
         ),
-        apply=lambda i, s, ids, impl: delta_rule(
+        apply=lambda i, s, ids, impl: op(
             i["q"],
             i["k"],
             i["v"],
-            i["beta"],
+            *gates(i),
             initial_state=s,
             segment_ids=ids,
             impl=impl,
             chunk_size=CHUNK,
         ),
         make_state=random_state,
-        step=lambda i, s: delta_rule_step(i["q"], i["k"], i["v"], i["beta"], s),
-        time_inputs=frozenset({"q", "k", "v", "beta"}),
-        impls=("chunked", "parallel"),
-        chunk_size=CHUNK,
-    )
-
-
-def gated_spec(beta_max: float, unit_keys: bool) -> OpSpec:
-    return OpSpec(
-        make_inputs=functools.partial(
-            make_inputs, beta_max=beta_max, unit_keys=unit_keys, gated=True
-        ),
-        apply=lambda i, s, ids, impl: gated_delta_rule(
-            i["q"],
-            i["k"],
-            i["v"],
-            i["g"],
-            i["beta"],
-            initial_state=s,
-            segment_ids=ids,
-            impl=impl,
-            chunk_size=CHUNK,
-        ),
-        make_state=random_state,
-        step=lambda i, s: gated_delta_rule_step(i["q"], i["k"], i["v"], i["g"], i["beta"], s),
-        time_inputs=frozenset({"q", "k", "v", "beta", "g"}),
+        step=lambda i, s: step(i["q"], i["k"], i["v"], *gates(i), s),
+        time_inputs=frozenset({"q", "k", "v", "beta"} | ({"g"} if gated else set())),
         impls=("chunked", "parallel"),
         chunk_size=CHUNK,
     )
 
 
 class TestDeltaRuleNegativeEigenvalues(OpContract):
-    spec = delta_spec(beta_max=2.0, unit_keys=True)
+    spec = delta_spec(gated=False, beta_max=2.0, unit_keys=True)
 
 
 class TestGatedDeltaRuleUnnormalizedKeys(OpContract):
-    spec = gated_spec(beta_max=1.0, unit_keys=False)
+    spec = delta_spec(gated=True, beta_max=1.0, unit_keys=False)
 
 
 @pytest.mark.slow
 class TestDeltaRuleUnnormalizedKeys(OpContract):
-    spec = delta_spec(beta_max=1.0, unit_keys=False)
+    spec = delta_spec(gated=False, beta_max=1.0, unit_keys=False)
 
 
 @pytest.mark.slow
 class TestGatedDeltaRuleNegativeEigenvalues(OpContract):
-    spec = gated_spec(beta_max=2.0, unit_keys=True)
+    spec = delta_spec(gated=True, beta_max=2.0, unit_keys=True)
 
 
 def gated_inputs(seed, batch, length):
