@@ -6,6 +6,9 @@ neighbour slows all of them alike and the ratios between them stay meaningful.
 
 from __future__ import annotations
 
+import argparse
+import json
+import pathlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -109,3 +112,25 @@ def impl_rows(
             ]
         )
     return rows, {n: (fwd_s.get(n), bwd_s.get(n), memory[n]) for n in name_to_fn}
+
+
+def head_size_parser(description: str, ops: str, lengths: str, out: str) -> argparse.ArgumentParser:
+    """The command line of the matrix-state benchmarks (ops x head sizes x lengths, B, H)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--ops", default=ops)
+    parser.add_argument("--lengths", default=lengths)
+    parser.add_argument("--dims", default="64,128", help="head sizes K = V")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--memory-limit-gib", type=float, default=8.0)
+    parser.add_argument("--out", default=out)
+    return parser
+
+
+def write_results(path: str, results: dict) -> None:
+    """Writes a benchmark's raw results as JSON (creating the folder) and says where."""
+    out = pathlib.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"\nwrote {out}")

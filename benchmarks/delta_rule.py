@@ -17,15 +17,11 @@ Impls whose forward+backward would not fit in `--memory-limit-gib` are skipped a
 
 from __future__ import annotations
 
-import argparse
-import json
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import fmt_rate, impl_rows, markdown_table
+from benchmarks.common import fmt_rate, head_size_parser, impl_rows, markdown_table, write_results
 from benchmarks.fla_peer import fla_peers
 from seqjax.ops.delta_rule import delta_rule, gated_delta_rule
 
@@ -72,16 +68,13 @@ def bench(op: str, length: int, dim: int, args, peers: dict) -> tuple[list, dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ops", default="delta_rule,gated_delta_rule")
-    parser.add_argument("--lengths", default="512,4096,16384")
-    parser.add_argument("--dims", default="64,128", help="head sizes K = V")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--memory-limit-gib", type=float, default=8.0)
+    parser = head_size_parser(
+        __doc__.splitlines()[0],
+        ops="delta_rule,gated_delta_rule",
+        lengths="512,4096,16384",
+        out="results/delta_rule.json",
+    )
     parser.add_argument("--parallel-max-length", type=int, default=2048)
-    parser.add_argument("--out", default="results/delta_rule.json")
     args = parser.parse_args()
     ops = args.ops.split(",")
     peers = fla_peers(ops)
@@ -97,10 +90,7 @@ def main() -> None:
                 print(f"\n{op}  B={args.batch} T={length} H={args.heads} K=V={dim} float32")
                 print(markdown_table(headers, rows))
                 print(note, flush=True)
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print(f"\nwrote {out}")
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,6 @@ the token-loop peers are skipped beyond `--peer-max-length`.
 
 from __future__ import annotations
 
-import argparse
-import json
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,9 +28,11 @@ from benchmarks.common import (
     compile_all,
     fmt_bytes,
     fmt_rate,
+    head_size_parser,
     markdown_table,
     median_seconds,
     temp_bytes,
+    write_results,
 )
 from benchmarks.fla_peer import fla_peers
 from seqjax.ops.gla import gla, linear_attention, simple_gla
@@ -135,16 +133,13 @@ def bench(op, batch, length, heads, dim, repeats, limit, peers, peer_max_length)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ops", default="gla,simple_gla,linear_attention")
-    parser.add_argument("--lengths", default="512,4096,32768")
-    parser.add_argument("--dims", default="64,128", help="head sizes K = V")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--memory-limit-gib", type=float, default=8.0)
+    parser = head_size_parser(
+        __doc__.splitlines()[0],
+        ops="gla,simple_gla,linear_attention",
+        lengths="512,4096,32768",
+        out="results/linear_attention.json",
+    )
     parser.add_argument("--peer-max-length", type=int, default=8192)
-    parser.add_argument("--out", default="results/linear_attention.json")
     args = parser.parse_args()
     limit = int(args.memory_limit_gib * 2**30)
     ops = args.ops.split(",")
@@ -187,10 +182,7 @@ def main() -> None:
                 print(f"\n{op}  B={args.batch} T={length} H={args.heads} K=V={dim} float32")
                 print(markdown_table(headers, rows))
                 print(note, flush=True)
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print(f"\nwrote {out}")
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,11 @@ not fit in `--memory-limit-gib` are skipped there, and the table says so.
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import impl_rows, markdown_table
+from benchmarks.common import impl_rows, markdown_table, write_results
 from seqjax.ops.selective_scan import selective_scan
 from seqjax.scan import linear_recurrence
 
@@ -98,10 +96,7 @@ def main() -> None:
         print(f"\nselective_scan  B={batch} T={length} D={width} N={state} float32")
         print(markdown_table(headers, rows), flush=True)
 
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print(f"\nwrote {out}")
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":
