@@ -154,12 +154,22 @@ def chunk_summaries(
     Returns `decay: [B, H, N, G, 1]` (broadcastable to the state) and
     `increment: [B, H, N, K, V] = sum_j exp(exit - key_j) k_j v_j^T`.
     """
+    increment = jnp.einsum("bhnck,bhncv->bhnkv", leaving_keys(k, pot, counts), v)
+    return chunk_decay(pot, counts), increment
+
+
+def leaving_keys(k: jax.Array, pot: Potentials, counts: jax.Array | None) -> jax.Array:
+    """`[B, H, N, C, K]`: each key weighted by its write's weight in the state leaving the
+    chunk, `exp(exit - key_j)`, 0 before the chunk's last segment start."""
     writes_out = None if counts is None else counts == counts[..., -1:]
-    key_weight = masked_exp(pot.exit[..., None, :] - pot.key, _expand(writes_out, pot.key.ndim))
-    increment = jnp.einsum("bhnck,bhncv->bhnkv", k * key_weight, v)
+    return k * masked_exp(pot.exit[..., None, :] - pot.key, _expand(writes_out, pot.key.ndim))
+
+
+def chunk_decay(pot: Potentials, counts: jax.Array | None) -> jax.Array:
+    """`[B, H, N, G, 1]`: the decay of the entering state across the chunk, 0 where a segment
+    starts in it."""
     carries = None if counts is None else counts[..., -1] == 0
-    decay = masked_exp(pot.exit - pot.enter, _expand(carries, pot.exit.ndim))
-    return decay[..., None], increment
+    return masked_exp(pot.exit - pot.enter, _expand(carries, pot.exit.ndim))[..., None]
 
 
 def pass_states(

@@ -60,10 +60,17 @@ SUBSTITUTION_BLOCK = 16
 def _validate(q, k, v, g, beta, initial_state, segment_ids, impl, chunk_size) -> None:
     dims = checks.Dims()
     dims.check("q", q, "B T H K")
+    checks.check_floating("q", q)
+    _check_recurrence_inputs(dims, k, v, beta, g, initial_state, segment_ids, chunk_size)
+    checks.check_choice("impl", impl, DELTA_IMPLS)
+
+
+def _check_recurrence_inputs(dims, k, v, beta, g, initial_state, segment_ids, chunk_size):
+    """The checks shared by the ops and the state functions (`chunk_states`, ...)."""
     dims.check("k", k, "B T H K")
     dims.check("v", v, "B T H V")
     dims.check("beta", beta, "B T H")
-    for name, x in (("q", q), ("k", k), ("v", v), ("beta", beta)):
+    for name, x in (("k", k), ("v", v), ("beta", beta)):
         checks.check_floating(name, x)
     if g is not None:
         dims.check("g", g, "B T H")
@@ -71,8 +78,7 @@ def _validate(q, k, v, g, beta, initial_state, segment_ids, impl, chunk_size) ->
         checks.check_values("g", g <= 0, "log-decays g <= 0")
     if initial_state is not None:
         dims.check("initial_state", initial_state, "B H K V")
-    checks.check_segment_ids(segment_ids, *q.shape[:2])
-    checks.check_choice("impl", impl, DELTA_IMPLS)
+    checks.check_segment_ids(segment_ids, *k.shape[:2])
     checks.check_positive("chunk_size", chunk_size)
 
 
@@ -185,9 +191,11 @@ def transitions(
 ) -> tuple[jax.Array, jax.Array]:
     """Each chunk's `S_leaving = M S_entering + D`: `M: [B, H, N, K, K]`, `D: [B, H, N, K, V]`
     from `U = u_part`, `W = w_part` (`M = exp(b_C) I - K~^T W`, `D = K~^T U`)."""
-    decay, increment = engine.chunk_summaries(k, u_part, pot, counts)
-    _, forgotten = engine.chunk_summaries(k, w_part, pot, counts)
-    return decay * jnp.eye(k.shape[-1], dtype=k.dtype) - forgotten, increment
+    leaving = engine.leaving_keys(k, pot, counts)
+    forgotten = jnp.einsum("bhnck,bhncj->bhnkj", leaving, w_part)
+    identity = jnp.eye(k.shape[-1], dtype=k.dtype)
+    increment = jnp.einsum("bhnck,bhncv->bhnkv", leaving, u_part)
+    return engine.chunk_decay(pot, counts) * identity - forgotten, increment
 
 
 def writes(u_part: jax.Array, w_part: jax.Array, states: jax.Array) -> jax.Array:
@@ -217,9 +225,15 @@ def chunk_form(
     last being the states entering every chunk. `chunked` is this with a `custom_vjp`;
     `"parallel"` differentiates it plainly, with one chunk.
     """
+    u_part, w_part, states, final = _parts_and_states(k, v, beta, pot, counts, initial_state)
+    return _outputs(q, k, u_part, w_part, pot, counts, states), final, states
+
+
+def _parts_and_states(k, v, beta, pot, counts, initial_state):
+    """`U`, `W` of every chunk, the chunk-entering states and the final state."""
     u_part, w_part = ut_transform(k, v, beta, pot, counts)
     states, final = engine.pass_states(*transitions(k, u_part, w_part, pot, counts), initial_state)
-    return _outputs(q, k, u_part, w_part, pot, counts, states), final, states
+    return u_part, w_part, states, final
 
 
 # Reverse-mode only: keeps the inputs and the chunk-entering states, recomputes the rest.
@@ -281,9 +295,6 @@ class _Chunks:
         self.k, self.v = (engine.to_chunks(x, size) for x in (k, v))
         self.beta = engine.to_chunks(beta, size)
         self.counts = engine.segment_counts(segment_ids, length, size)
-
-    def transitions(self) -> tuple[jax.Array, jax.Array]:
-        return transitions(self.k, *ut_transform(*self.parts()), self.pot, self.counts)
 
     def parts(self):
         return self.k, self.v, self.beta, self.pot, self.counts
@@ -379,16 +390,7 @@ def gated_delta_rule(
 def _validated_chunks(k, v, beta, g, initial_state, segment_ids, chunk_size):
     """`(chunks, initial_state)` for the state functions below, inputs checked."""
     dims = checks.Dims()
-    dims.check("k", k, "B T H K")
-    dims.check("v", v, "B T H V")
-    dims.check("beta", beta, "B T H")
-    if g is not None:
-        dims.check("g", g, "B T H")
-        checks.check_values("g", g <= 0, "log-decays g <= 0")
-    if initial_state is not None:
-        dims.check("initial_state", initial_state, "B H K V")
-    checks.check_segment_ids(segment_ids, *k.shape[:2])
-    checks.check_positive("chunk_size", chunk_size)
+    _check_recurrence_inputs(dims, k, v, beta, g, initial_state, segment_ids, chunk_size)
     _, (k, v, g, beta, initial_state) = _prepare(k, v, g, beta, initial_state)
     return _Chunks(k, v, g, beta, segment_ids, min(chunk_size, k.shape[1])), initial_state
 
@@ -409,7 +411,9 @@ def chunk_transition(
     (M2 M1, M2 D1 + D2)`, combines chunks (and devices, for sequence parallelism).
     """
     chunks, _ = _validated_chunks(k, v, beta, g, None, segment_ids, chunk_size)
-    return tuple(jnp.moveaxis(x, 2, 1) for x in chunks.transitions())
+    u_part, w_part = ut_transform(*chunks.parts())
+    pieces = transitions(chunks.k, u_part, w_part, chunks.pot, chunks.counts)
+    return tuple(jnp.moveaxis(x, 2, 1) for x in pieces)
 
 
 def chunk_states(
@@ -425,7 +429,7 @@ def chunk_states(
     """The states entering every chunk, `[B, N, H, K, V]` with `N = ceil(T / chunk_size)`:
     state `n` is the state after token `n * chunk_size - 1` (state 0 is `initial_state`)."""
     chunks, state = _validated_chunks(k, v, beta, g, initial_state, segment_ids, chunk_size)
-    states, _ = engine.pass_states(*chunks.transitions(), state)
+    states = _parts_and_states(*chunks.parts(), state)[2]
     return jnp.moveaxis(states, 2, 1)
 
 
@@ -448,9 +452,7 @@ def states_after(
     """
     positions = checks.check_positions(positions, *k.shape[:2])
     chunks, state = _validated_chunks(k, v, beta, g, initial_state, segment_ids, chunk_size)
-    u_part, w_part = ut_transform(*chunks.parts())
-    trans = transitions(chunks.k, u_part, w_part, chunks.pot, chunks.counts)
-    states, _ = engine.pass_states(*trans, state)
+    u_part, w_part, states, _ = _parts_and_states(*chunks.parts(), state)
     u = writes(u_part, w_part, states)
     after = engine.states_after(chunks.k, u, chunks.pot, chunks.counts, states, positions)
     return jnp.moveaxis(after, 2, 1)
