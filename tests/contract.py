@@ -207,6 +207,19 @@ def split_state(state: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
     return floating, rebuild
 
 
+def ring_view(slots: tuple[jax.Array, ...], positions: jax.Array, length: jax.Array) -> list:
+    """A ring buffer as what decoding from it depends on: per row, the filled slots' contents
+    ordered by position, and those positions relative to the next token (whatever the
+    capacity and the slot each token landed in). Runs on concrete arrays."""
+    rows = []
+    for b in range(positions.shape[0]):
+        row = np.asarray(positions[b])
+        order = np.argsort(row)[np.sort(row) >= 0]
+        relative = jnp.asarray(row[order] - int(length[b]))
+        rows.append((*(x[b][order] for x in slots), relative))
+    return rows
+
+
 def slice_rows(tree: Any, rows: slice) -> Any:
     return None if tree is None else jax.tree.map(lambda x: x[rows], tree)
 

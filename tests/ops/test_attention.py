@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from contract import OpContract, OpSpec, assert_trees_close
+from contract import OpContract, OpSpec, assert_trees_close, ring_view
 
 from seqjax.ops.attention import (
     KVCache,
@@ -45,15 +45,7 @@ def filled_cache(key, batch, capacity, lengths) -> KVCache:
 
 
 def cache_view(cache: KVCache) -> list:
-    """Per row: the visible keys, values and positions relative to the next token, by position
-    (what decoding from the cache depends on, whatever its capacity and slot order)."""
-    rows = []
-    for b in range(cache.k.shape[0]):
-        positions = np.asarray(cache.positions[b])
-        order = np.argsort(positions)[np.sort(positions) >= 0]
-        relative = positions[order] - int(cache.length[b])
-        rows.append((cache.k[b][order], cache.v[b][order], jnp.asarray(relative)))
-    return rows
+    return ring_view((cache.k, cache.v), cache.positions, cache.length)
 
 
 def attention_spec(causal, window, capacity, lengths, step_capacity):
