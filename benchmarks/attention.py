@@ -1,6 +1,6 @@
 """Softmax attention's impls beside chunked linear attention: where does the crossover fall?
 
-    python -m benchmarks.attention                                # T = 512 .. 32K
+    python -m benchmarks.attention                                # T = 128 .. 32K
     python -m benchmarks.attention --lengths 512,2048 --repeats 3  # quicker
 
 For each T (B, H, K = V from the command line; causal, float32) the table gives forward and
@@ -75,7 +75,7 @@ def main() -> None:
     parser = head_size_parser(
         __doc__.splitlines()[0],
         ops="softmax_attention",
-        lengths="512,1024,2048,4096,8192,16384,32768",
+        lengths="128,256,512,1024,2048,4096,8192,16384,32768",
         out="results/attention.json",
     )
     parser.set_defaults(dims="64", batch=1, repeats=3)

@@ -16,9 +16,12 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import compile_all, fmt_rate, markdown_table, median_seconds
+from seqjax.ops.aaren import aaren
+from seqjax.ops.attention import softmax_attention
 from seqjax.ops.delta_rule import delta_rule, gated_delta_rule
 from seqjax.ops.gla import gla, linear_attention, simple_gla
 from seqjax.ops.hgrn import hgrn
+from seqjax.ops.hybrid_attention import sliding_window_hybrid_attention
 from seqjax.ops.lru import lru
 from seqjax.ops.mlstm import mlstm
 from seqjax.ops.prefix_linear_attention import prefix_linear_attention
@@ -39,7 +42,8 @@ def complex_normal(key, *shape):
 
 
 def matrix_state_cases(batch: int, length: int, width: int, key: jax.Array) -> dict:
-    """The linear-attention family at heads of 64 channels (width / 64 heads, K = V = 64)."""
+    """The linear-attention family and attention at heads of 64 channels (width / 64 heads,
+    K = V = 64)."""
     heads, dim = max(width // 64, 1), min(width, 64)
     k = jax.random.split(key, 8)
     q, kk, v = (normal(k[i], batch, length, heads, dim) * dim**-0.25 for i in range(3))
@@ -81,6 +85,24 @@ def matrix_state_cases(batch: int, length: int, width: int, key: jax.Array) -> d
         "mlstm": (
             lambda q, k, v, i, f, impl: mlstm(q, k, v, i, f, impl=impl),
             (q, kk, v, per_head, 3.0 + normal(k[7], batch, length, heads)),
+        ),
+        "softmax_attention": (
+            lambda q, k, v, impl: softmax_attention(q, k, v, impl=impl),
+            (q, kk, v),
+        ),
+        "softmax_attention, window 512": (
+            lambda q, k, v, impl: softmax_attention(q, k, v, window=512, impl=impl),
+            (q, kk, v),
+        ),
+        "aaren": (
+            lambda q, k, v, impl: aaren(q, k, v, impl=impl),
+            (q[:, 0], kk, v),
+        ),
+        "sliding_window_hybrid_attention (64)": (
+            lambda q, k, v, pq, pk, impl: sliding_window_hybrid_attention(
+                q, k, v, pq, pk, 64, 0.1, impl=impl
+            ),
+            (q, kk, v, *positive),
         ),
         "prefix_linear_attention": (
             lambda q, k, v, ke, ve, impl: prefix_linear_attention(

@@ -55,7 +55,7 @@ from seqjax.scan.linear_recurrence import accumulation_dtype
 AttentionImpl = Literal["auto", "reference", "xla", "blockwise", "pallas"]
 ATTENTION_IMPLS: tuple[str, ...] = ("auto", "reference", "xla", "blockwise", "pallas")
 DEFAULT_BLOCK_SIZE = 512
-AUTO_BLOCKWISE_LENGTH = 4096
+AUTO_BLOCKWISE_LENGTH = 256
 
 
 class KVCache(NamedTuple):
@@ -318,10 +318,8 @@ def _xla(q, k, v, vis, causal, window, bias, scale, structured):
     key_dim, value_dim = k.shape[-1], v.shape[-1]
     width = max(key_dim, value_dim)
     q, k, v = (_pad_axis(x, 3, width) for x in (q, k, v))
-    implementation = None
-    if structured and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-        implementation = "cudnn"
-    o = jax.nn.dot_product_attention(
+    call = functools.partial(
+        jax.nn.dot_product_attention,
         q,
         k,
         v,
@@ -330,8 +328,16 @@ def _xla(q, k, v, vis, causal, window, bias, scale, structured):
         scale=scale,
         is_causal=is_causal,
         local_window_size=local,
-        implementation=implementation,
     )
+    o = None
+    if structured and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        # cuDNN's flash attention, where it takes the shapes (it raises when tracing if not).
+        try:
+            o = call(implementation="cudnn")
+        except (ValueError, NotImplementedError):
+            o = None
+    if o is None:
+        o = call()
     return o[..., :value_dim].astype(acc)
 
 
