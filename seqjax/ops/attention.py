@@ -500,8 +500,9 @@ def _add_bias_block(dbias, ds, i, j, size):
     block = jnp.sum(ds, axis=axes, keepdims=True)
     t, s = dbias.shape[-2:]
     starts = (0, 0, 0, 0 if t == 1 else i * size, 0 if s == 1 else j * size)
-    return lax.dynamic_update_slice(dbias, lax.dynamic_slice(dbias, starts, block.shape) + block,
-                                    starts)  # fmt: skip
+    return lax.dynamic_update_slice(
+        dbias, lax.dynamic_slice(dbias, starts, block.shape) + block, starts
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))

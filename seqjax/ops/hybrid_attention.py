@@ -172,8 +172,9 @@ def _divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
 
 
 def _reference(q, k, v, phi_q, phi_k, window_factor, scale, state, segment_ids):
-    fresh = init_hybrid_state(q.shape[0], state.k.shape[1], *k.shape[2:], v.shape[-1],
-                              phi_k.shape[-1], state.k.dtype)  # fmt: skip
+    fresh = init_hybrid_state(
+        q.shape[0], state.k.shape[1], *k.shape[2:], v.shape[-1], phi_k.shape[-1], state.k.dtype
+    )
 
     def step(state, xs):
         start, (q_t, k_t, v_t, phi_q_t, phi_k_t) = xs
@@ -229,7 +230,7 @@ def _window_terms(q, k, v, valid, segments, window, window_factor, scale, block,
     return numerator, denominator.reshape(batch, padded, heads)[:, :length]
 
 
-def _far_terms(phi_q, phi_k, v, valid, segments, window, S, z, segment_ids, chunk_size, acc):
+def _far_terms(phi_q, phi_k, v, valid, segments, window, S, z, chunk_size, acc):
     """The linear terms `(sum b_ij v_j, sum b_ij)` and the final `(S, z)`: linear attention
     over keys delayed by `W` tokens, its value augmented with a column of ones (the
     normalizer). A delayed key that lands in a later segment than its own is zeroed."""
@@ -248,7 +249,7 @@ def _far_terms(phi_q, phi_k, v, valid, segments, window, S, z, segment_ids, chun
         delayed(values),
         scale=1.0,
         initial_state=jnp.concatenate([S, z[..., None]], axis=-1),
-        segment_ids=segment_ids,
+        segment_ids=segments,
         impl="chunked",
         chunk_size=chunk_size,
     )
@@ -272,18 +273,18 @@ def _chunked(q, k, v, phi_q, phi_k, window_factor, scale, state, segment_ids, ch
     ring_phi_q = jnp.zeros((batch, window, *phi_q.shape[2:]), acc)
     q_all, k_all, v_all, phi_q_all, phi_k_all = (
         jnp.concatenate([old, new.astype(acc)], axis=1)
-        for old, new in zip((ring_q, *ring[:2], ring_phi_q, ring[2]), (q, k, v, phi_q, phi_k),
-                            strict=True)
-    )  # fmt: skip
+        for old, new in zip(
+            (ring_q, *ring[:2], ring_phi_q, ring[2]), (q, k, v, phi_q, phi_k), strict=True
+        )
+    )
     valid = jnp.concatenate([take(state.positions, order) >= 0, jnp.ones_like(segments, bool)], 1)
     segments = jnp.concatenate([jnp.broadcast_to(segments[:, :1], (batch, window)), segments], 1)
     num_w, den_w = _window_terms(
         q_all, k_all, v_all, valid, segments, window, window_factor, scale, chunk_size, acc
     )
     num_l, den_l, S, z = _far_terms(
-        phi_q_all, phi_k_all, v_all, valid, segments, window, state.S, state.z, segments,
-        chunk_size, acc,
-    )  # fmt: skip
+        phi_q_all, phi_k_all, v_all, valid, segments, window, state.S, state.z, chunk_size, acc
+    )
     y = _divide(num_w + num_l, den_w + den_l)[:, window:]
     (ring_k, ring_v, ring_phi), positions, end = ring_write(
         (state.k, state.v, state.phi_k), state.positions, state.length, (k, v, phi_k), segment_ids
@@ -343,8 +344,9 @@ def sliding_window_hybrid_attention(
         initial_state = init_hybrid_state(
             batch, window, heads, key_dim, v.shape[-1], phi_k.shape[-1], k.dtype
         )
-    _check_state(checks.Dims(**{n: dims.sizes[n] for n in "BHKVF"}, W=window), initial_state,
-                 "initial_state")  # fmt: skip
+    _check_state(
+        checks.Dims(**{n: dims.sizes[n] for n in "BHKVF"}, W=window), initial_state, "initial_state"
+    )
     scale = key_dim**-0.5 if scale is None else scale
     if impl == "reference":
         y, final = _reference(

@@ -59,9 +59,18 @@ def make_state(key, batch):
 def apply(inputs, state, segment_ids, impl):
     x = inputs
     return sliding_window_hybrid_attention(
-        x["q"], x["k"], x["v"], x["phi_q"], x["phi_k"], WINDOW, x["gamma"],
-        initial_state=state, segment_ids=segment_ids, impl=impl, chunk_size=16,
-    )  # fmt: skip
+        x["q"],
+        x["k"],
+        x["v"],
+        x["phi_q"],
+        x["phi_k"],
+        WINDOW,
+        x["gamma"],
+        initial_state=state,
+        segment_ids=segment_ids,
+        impl=impl,
+        chunk_size=16,
+    )
 
 
 def step(inputs, state):
@@ -121,9 +130,17 @@ def test_equals_the_equations(impl, window):
     x = make_inputs(jax.random.key(3), 2, 33, jnp.float32)
     segment_ids = np.asarray([[0] * 12 + [1] * 21, [0] * 33])
     y, _ = sliding_window_hybrid_attention(
-        x["q"], x["k"], x["v"], x["phi_q"], x["phi_k"], window, x["gamma"],
-        segment_ids=jnp.asarray(segment_ids), impl=impl, chunk_size=8,
-    )  # fmt: skip
+        x["q"],
+        x["k"],
+        x["v"],
+        x["phi_q"],
+        x["phi_k"],
+        window,
+        x["gamma"],
+        segment_ids=jnp.asarray(segment_ids),
+        impl=impl,
+        chunk_size=8,
+    )
     assert_trees_close(y, jnp.asarray(direct(x, segment_ids, window)), 2e-6, f"{impl} W={window}")
 
 

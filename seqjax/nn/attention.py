@@ -1,0 +1,93 @@
+"""Softmax attention as a mixer: RoPE, grouped-query heads, optional sliding window (the
+attention layer of Llama-style Transformers and of the hybrids; fla's `layers/attn.py`)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from seqjax.nn.layers import dense, rotary
+from seqjax.nn.mixer import default_positions, divides, frozen, positive, require
+from seqjax.ops.attention import (
+    ATTENTION_IMPLS,
+    KVCache,
+    init_kv_cache,
+    softmax_attention,
+    softmax_attention_step,
+)
+
+
+@frozen
+class AttentionConfig:
+    """`width` (d_model), heads, key/value heads (GQA), `head_dim` (None: width / heads),
+    `window` (None: full causal), RoPE base `rope_base`."""
+
+    width: int
+    num_heads: int = 8
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    window: int | None = None
+    rope_base: float = 10000.0
+    impl: str = "auto"
+
+    def __post_init__(self):
+        positive(self, "width", "num_heads")
+        if self.head_dim is None:
+            divides(self, "num_heads", "width")
+        else:
+            positive(self, "head_dim")
+        if self.num_kv_heads is not None:
+            positive(self, "num_kv_heads")
+            divides(self, "num_kv_heads", "num_heads")
+        if self.window is not None:
+            positive(self, "window")
+        require(self.impl in ATTENTION_IMPLS, "impl", f"expected one of {ATTENTION_IMPLS}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def key_dim(self) -> int:
+        return self.head_dim or self.width // self.num_heads
+
+
+class Attention(nn.Module):
+    """Causal softmax attention; the cache is a `KVCache` (a ring buffer of `window` slots
+    when windowed, so decoding memory is O(window))."""
+
+    config: AttentionConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache]:
+        c = self.config
+        batch, length, _ = x.shape
+        q = dense((c.num_heads, c.key_dim), ("embed", "heads", "kv"), "q")(x)
+        k = dense((c.kv_heads, c.key_dim), ("embed", "heads", "kv"), "k")(x)
+        v = dense((c.kv_heads, c.key_dim), ("embed", "heads", "kv"), "v")(x)
+        if positions is None:
+            offset = None if cache is None else cache.length
+            positions = default_positions(batch, length, segment_ids, offset)
+        q, k = rotary(q, positions, c.rope_base), rotary(k, positions, c.rope_base)
+        if cache is not None and length == 1:
+            o, cache = softmax_attention_step(q[:, 0], k[:, 0], v[:, 0], cache, window=c.window)
+            o = o[:, None]
+        else:
+            o, cache = softmax_attention(
+                q, k, v, window=c.window, segment_ids=segment_ids, initial_state=cache, impl=c.impl
+            )
+        y = dense(c.width, ("heads", "kv", "embed"), "o", axis=(-2, -1))(o)
+        return y, cache
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32) -> KVCache:
+        c = self.config
+        capacity = max_length if c.window is None else c.window
+        return init_kv_cache(batch_size, capacity, c.kv_heads, c.key_dim, c.key_dim, dtype)
