@@ -176,9 +176,11 @@ def ring_write(
     source = jnp.clip(newest - length[:, None], 0, count - 1)
     positions = jnp.where(is_new, newest, positions)
     if segment_ids is not None:
-        tokens = jnp.arange(count, dtype=jnp.int32)
-        last_start = jnp.max(jnp.where(segment_starts(segment_ids), tokens, 0), axis=1)
-        positions = jnp.where(positions >= (length + last_start)[:, None], positions, -1)
+        starts = segment_starts(segment_ids)
+        last_start = jnp.max(jnp.where(starts, jnp.arange(count, dtype=jnp.int32), 0), axis=1)
+        # A row whose tokens continue one segment keeps the cache's older tokens.
+        first = jnp.where(jnp.any(starts, axis=1), length + last_start, 0)
+        positions = jnp.where(positions >= first[:, None], positions, -1)
     keep = positions >= 0
     take = jax.vmap(lambda x, i: x[i])
 

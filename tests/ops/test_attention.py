@@ -195,6 +195,20 @@ def test_packed_prefill_cache_holds_only_the_last_segment():
     assert float(jnp.abs(cache.k[0, :5]).max()) == 0.0
 
 
+def test_a_cache_keeps_its_tokens_unless_a_new_segment_starts():
+    """With an initial cache, a row whose new tokens continue its segment keeps the cache's
+    tokens; a row where a new segment starts drops them."""
+    inputs = make_inputs(jax.random.key(11), 2, 4, jnp.float32)
+    cache = filled_cache(jax.random.key(12), 2, 16, (3, 3))
+    segment_ids = jnp.asarray([[0, 0, 1, 1], [0, 0, 0, 0]])
+    _, final = softmax_attention(
+        inputs["q"], inputs["k"], inputs["v"], segment_ids=segment_ids, initial_state=cache
+    )
+    np.testing.assert_array_equal(final.positions[0, :7], [-1] * 5 + [5, 6])
+    np.testing.assert_array_equal(final.positions[1, :7], list(range(7)))
+    assert_trees_close(final.k[1, :3], cache.k[1, :3], 1e-7, "kept cache keys")
+
+
 def test_blockwise_memory_is_linear_in_length():
     """Forward+backward scratch memory grows like T (the padded inputs, the output and the
     query gradient), not like one `T x T` score matrix (compiled, not run: the benchmark
