@@ -60,6 +60,23 @@ def positive(config: Any, *fields: str) -> None:
         )
 
 
+def expanded_width(config: Any, field: str) -> int:
+    """`config.<field> * config.width`, required to be a positive integer divisible by
+    `config.num_heads` (the key or value width of a linear-attention layer)."""
+    width = getattr(config, field) * config.width
+    require(
+        width == int(width) and width > 0,
+        field,
+        f"{field} * width must be a positive integer, got {width}",
+    )
+    require(
+        int(width) % config.num_heads == 0,
+        field,
+        f"{field} * width = {int(width)} must be divisible by num_heads = {config.num_heads}",
+    )
+    return int(width)
+
+
 def frozen(cls):
     """`dataclasses.dataclass(frozen=True)`: configs are values (hashable, usable as static
     arguments and as Flax module fields)."""

@@ -13,6 +13,7 @@ from contract import assert_trees_close
 
 from seqjax.nn.attention import Attention, AttentionConfig
 from seqjax.nn.delta_net import DeltaNet, DeltaNetConfig
+from seqjax.nn.gated_delta_net import GatedDeltaNet, GatedDeltaNetConfig
 from seqjax.nn.gla import GLA, GLAConfig
 
 WIDTH, LENGTH = 32, 13
@@ -24,6 +25,9 @@ MIXERS = {
     "gla_conv": GLA(GLAConfig(WIDTH, num_heads=2, use_short_conv=True, chunk_size=8)),
     "delta_net": DeltaNet(DeltaNetConfig(WIDTH, num_heads=2, allow_neg_eigval=True, chunk_size=8)),
     "delta_net_gate": DeltaNet(DeltaNetConfig(WIDTH, num_heads=2, use_gate=True, chunk_size=8)),
+    "gated_delta_net": GatedDeltaNet(
+        GatedDeltaNetConfig(WIDTH, num_heads=2, head_dim=8, allow_neg_eigval=True, chunk_size=8)
+    ),
 }
 
 
@@ -85,6 +89,7 @@ def test_packed_segments_equal_separate_sequences(name):
         (lambda: GLAConfig(WIDTH, impl="fast"), "impl"),
         (lambda: DeltaNetConfig(WIDTH, expand_k=0.3), "expand_k"),
         (lambda: DeltaNetConfig(WIDTH, conv_size=0), "conv_size"),
+        (lambda: GatedDeltaNetConfig(WIDTH, head_dim=8, expand_v=0.3), "expand_v"),
     ],
 )
 def test_bad_config_names_the_field(make, field):

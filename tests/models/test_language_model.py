@@ -1,0 +1,128 @@
+"""The language model: hybrids by configuration, scanned groups, decoding, training."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from contract import assert_trees_close
+
+from seqjax.models import MIXERS, LanguageModelConfig, build
+
+VOCAB, WIDTH = 37, 32
+SMALL = {
+    "attention": {"num_heads": 4, "num_kv_heads": 2},
+    "gla": {"num_heads": 2, "chunk_size": 8},
+    "delta_net": {"num_heads": 2, "chunk_size": 8},
+    "gated_delta_net": {"num_heads": 2, "head_dim": 8, "chunk_size": 8},
+}
+
+
+def hybrid(**changes) -> LanguageModelConfig:
+    """Three mixer kinds, the group repeated twice; the attention layer windowed."""
+    options = {**SMALL, "attention": {**SMALL["attention"], "window": 5}}
+    fields = dict(vocab_size=VOCAB, width=WIDTH, layers=("gla", "delta_net", "attention") * 2)
+    return LanguageModelConfig(**{**fields, "mixer_options": options, **changes})
+
+
+def tokens(batch=2, length=13, seed=0):
+    return jax.random.randint(jax.random.key(seed), (batch, length), 0, VOCAB)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_hybrid_decodes_like_the_parallel_pass(scan_layers):
+    model = build(hybrid(scan_layers=scan_layers))
+    x = tokens()
+    params = model.init(jax.random.key(1), x)
+    expected, _ = jax.jit(model.apply)(params, x)
+    assert bool(jnp.all(jnp.isfinite(expected)))
+    step = jax.jit(lambda p, t, c: model.apply(p, t, cache=c))
+    logits, cache = step(params, x[:, :6], model.init_cache(2, 13))
+    outputs = [logits]
+    for t in range(6, 13):
+        logits, cache = step(params, x[:, t : t + 1], cache)
+        outputs.append(logits)
+    assert_trees_close(jnp.concatenate(outputs, axis=1), expected, 1e-4, "decoded logits")
+    np.testing.assert_array_equal(cache.length, [13, 13])
+
+
+def test_hybrid_packed_rows_equal_separate_sequences():
+    model = build(hybrid())
+    x = tokens(batch=1)
+    params = model.init(jax.random.key(1), x)
+    cuts = [0, 5, 13]
+    segment_ids = jnp.asarray(np.repeat(np.arange(len(cuts) - 1), np.diff(cuts))[None])
+    packed, _ = model.apply(params, x, segment_ids=segment_ids)
+    for start, stop in itertools.pairwise(cuts):
+        alone, _ = model.apply(params, x[:, start:stop])
+        assert_trees_close(packed[:, start:stop], alone, 1e-4, f"segment [{start}, {stop})")
+
+
+def loss_fn(model):
+    def loss(params, x):
+        logits, _ = model.apply(params, x[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, x[:, 1:]).mean()
+
+    return loss
+
+
+def test_hybrid_trains_and_remat_keeps_the_gradients():
+    x = tokens(batch=4, length=17)
+    layers = ("gla", "delta_net", "attention")
+    model = build(hybrid(layers=layers))
+    params = model.init(jax.random.key(1), x)
+    value_and_grad = jax.jit(jax.value_and_grad(loss_fn(model)))
+    first, grads = value_and_grad(params, x)
+    rematted = jax.jit(jax.grad(loss_fn(build(hybrid(layers=layers, remat="full")))))(params, x)
+    assert_trees_close(rematted, grads, 1e-5, "remat gradients")
+    optimizer = optax.adam(3e-3)
+    state = optimizer.init(params)
+    for _ in range(3):
+        updates, state = optimizer.update(grads, state)
+        params = optax.apply_updates(params, updates)
+        later, grads = value_and_grad(params, x)
+    assert float(later) < float(first)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(MIXERS))
+def test_two_layer_model_overfits_a_tiny_batch(kind):
+    config = LanguageModelConfig(VOCAB, WIDTH, (kind, kind), mixer_options={kind: SMALL[kind]})
+    model = build(config)
+    x = tokens(batch=4, length=24, seed=3)
+    params = model.init(jax.random.key(1), x)
+    optimizer = optax.adam(1e-2)
+    state = optimizer.init(params)
+    value_and_grad = jax.value_and_grad(loss_fn(model))
+
+    @jax.jit
+    def train_step(params, state):
+        value, grads = value_and_grad(params, x)
+        updates, state = optimizer.update(grads, state)
+        return optax.apply_updates(params, updates), state, value
+
+    first = None
+    for _ in range(300):
+        params, state, value = train_step(params, state)
+        first = float(value) if first is None else first
+    assert float(value) < first / 5, f"{kind}: loss {first:.3f} -> {float(value):.3f}"
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (dict(layers=("gla", "mamba")), "layers"),
+        (dict(mixer_options={"gla": {"window": 4}}), "mixer_options.gla.window"),
+        (dict(mixer_options={"attention": {"num_heads": 5}}), "mixer_options.attention.num_heads"),
+        (dict(mixer_options={"retnet": {}}), "mixer_options"),
+        (dict(remat="some"), "remat"),
+    ],
+)
+def test_bad_config_names_the_field(change, field):
+    fields = dict(vocab_size=VOCAB, width=WIDTH, layers=("gla", "attention"))
+    with pytest.raises(ValueError, match=f"^{field}"):
+        LanguageModelConfig(**{**fields, **change})
