@@ -313,8 +313,9 @@ class OpContract:
 
     def test_step_equals_parallel(self):
         if self.spec.step is None:
-            # An anti-causal op (the reversed scan) or one that reads ahead (JRT's prefix) has no
-            # step from t = 0; its test module checks decoding where decoding exists.
+            # An anti-causal op (the reversed scan), one that reads ahead (JRT's prefix) or
+            # bidirectional attention has no step from t = 0; its test module checks decoding
+            # where decoding exists.
             pytest.skip("spec.step is None: the op has no token-by-token step from t = 0")
         problem = make_problem(self.spec, Case(9, jnp.float32, False))
         expected_out, expected_state = run(self.spec, "reference", problem)
