@@ -11,7 +11,7 @@ import optax
 import pytest
 from contract import assert_trees_close
 
-from seqjax.models import MIXERS, LanguageModelConfig, build
+from seqjax.models import MIXERS, LanguageModelConfig, SequenceClassifierConfig, build
 
 VOCAB, WIDTH = 37, 32
 SMALL = {
@@ -115,10 +115,12 @@ def test_two_layer_model_overfits_a_tiny_batch(kind):
 @pytest.mark.parametrize(
     "change, field",
     [
-        (dict(layers=("gla", "mamba")), "layers"),
+        (dict(layers=("gla", "mamba3")), "layers"),
         (dict(mixer_options={"gla": {"window": 4}}), "mixer_options.gla.window"),
         (dict(mixer_options={"attention": {"num_heads": 5}}), "mixer_options.attention.num_heads"),
-        (dict(mixer_options={"retnet": {}}), "mixer_options"),
+        (dict(mixer_options={"nope": {}}), "mixer_options"),
+        (dict(vocab_size=None), "vocab_size"),
+        (dict(mlp_hidden=0), "mlp_hidden"),
         (dict(remat="some"), "remat"),
     ],
 )
@@ -126,3 +128,26 @@ def test_bad_config_names_the_field(change, field):
     fields = dict(vocab_size=VOCAB, width=WIDTH, layers=("gla", "attention"))
     with pytest.raises(ValueError, match=f"^{field}"):
         LanguageModelConfig(**{**fields, **change})
+
+
+def test_blocks_without_mlp_and_the_sequence_classifier():
+    config = hybrid(layers=("gla", "attention"), mlp=False)
+    params = build(config).init(jax.random.key(1), tokens())
+    assert not any(
+        "mlp" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)
+    )
+    features = jax.random.normal(jax.random.key(2), (2, 9, 5))
+    mask = jnp.arange(9)[None] < jnp.asarray([[4], [9]])
+    classifier = build(
+        SequenceClassifierConfig(
+            None, WIDTH, ("gla",), mixer_options=SMALL, num_classes=3, pooling="last"
+        )
+    )
+    params = classifier.init(jax.random.key(1), features)
+    logits = jax.jit(classifier.apply)(params, features, mask=mask)
+    assert logits.shape == (2, 3)
+    # The last valid token of a right-padded row sees exactly the unpadded sequence.
+    alone = classifier.apply(params, features[:1, :4])
+    assert_trees_close(logits[:1], alone, 1e-5, "right padding")
+    with pytest.raises(ValueError, match=r"^inputs:"):
+        classifier.apply(params, tokens())
