@@ -6,7 +6,8 @@ suite checks one representative config per mixer and leaves variants to `slow`:
 - forward and gradient (parameters and input) are finite at init, and every parameter gets a
   nonzero gradient (a parameter that never receives one is dead);
 - a prefill of `PREFILL` tokens and then decoding token by token from `init_cache` equals the
-  parallel pass;
+  parallel pass, in a row whose prefill packs two segments (decoding continues the second) and
+  in a plain row;
 - a row of packed segments equals the segments run separately.
 """
 
@@ -48,12 +49,15 @@ def check_finite(mixer: Any, params: Any, x: jax.Array, name: str) -> None:
 
 
 def check_decode(mixer: Any, params: Any, x: jax.Array, name: str, tolerance: float = 1e-4) -> None:
-    expected, _ = jax.jit(mixer.apply)(params, x)
+    batch, length = x.shape[:2]
+    segment_ids = jnp.zeros((batch, length), jnp.int32).at[0, 2:].set(1)
+    expected, _ = jax.jit(lambda p, x, s: mixer.apply(p, x, segment_ids=s))(params, x, segment_ids)
+    prefill = jax.jit(lambda p, x, c, s: mixer.apply(p, x, cache=c, segment_ids=s))
     apply = jax.jit(lambda p, x, c: mixer.apply(p, x, cache=c))
-    cache = mixer.init_cache(x.shape[0], x.shape[1], x.dtype)
-    y, cache = apply(params, x[:, :PREFILL], cache)
+    cache = mixer.init_cache(batch, length, x.dtype)
+    y, cache = prefill(params, x[:, :PREFILL], cache, segment_ids[:, :PREFILL])
     outputs = [y]
-    for t in range(PREFILL, x.shape[1]):
+    for t in range(PREFILL, length):
         y, cache = apply(params, x[:, t : t + 1], cache)
         outputs.append(y)
     assert_trees_close(jnp.concatenate(outputs, axis=1), expected, tolerance, f"{name} decode")

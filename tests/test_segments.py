@@ -1,8 +1,13 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from contract import assert_trees_close
 
+from seqjax.nn.conv import causal_conv
+from seqjax.ops.attention import softmax_attention
 from seqjax.ops.hgrn import hgrn
+from seqjax.ops.hybrid_attention import sliding_window_hybrid_attention
 from seqjax.segments import cu_seqlens_from_segment_ids, segment_ids_from_cu_seqlens
 
 
@@ -35,3 +40,26 @@ def test_packing_by_cu_seqlens_equals_separate_sequences():
 def test_rejects_float_cu_seqlens():
     with pytest.raises(ValueError, match="cu_seqlens: expected a 1-D integer array"):
         segment_ids_from_cu_seqlens(jnp.array([0.0, 3.0]), 3)
+
+
+def test_an_id_that_comes_back_is_a_new_segment_for_every_op():
+    """Ids [0 0 0 1 1 0 0 0] are three segments, as [0 0 0 1 1 2 2 2] are."""
+    reused = jnp.asarray([[0, 0, 0, 1, 1, 0, 0, 0]])
+    renumbered = jnp.asarray([[0, 0, 0, 1, 1, 2, 2, 2]])
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 8, 2, 4)) for i in range(3))
+    cases = {
+        "attention reference": lambda s: softmax_attention(
+            q, k, v, segment_ids=s, impl="reference"
+        ),
+        "attention blockwise": lambda s: softmax_attention(
+            q, k, v, segment_ids=s, impl="blockwise", block_size=4
+        ),
+        "hybrid chunked": lambda s: sliding_window_hybrid_attention(
+            q, k, v, jnp.exp(q), jnp.exp(k), 2, 0.5, segment_ids=s, impl="chunked", chunk_size=4
+        ),
+        "short convolution": lambda s: causal_conv(
+            q.reshape(1, 8, 8), jnp.ones((4, 8)), None, jnp.zeros((1, 3, 8)), s
+        ),
+    }
+    for name, run in cases.items():
+        assert_trees_close(run(reused), run(renumbered), 1e-6, name)

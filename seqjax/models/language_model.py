@@ -2,8 +2,8 @@
 
     tokens -> Backbone (embed, blocks, RMSNorm) -> head (tied to the embedding or not)
 
-The model's cache holds every layer's cache and the number of tokens seen, from which
-positions continue.
+The model's cache holds every layer's cache and the next token's position in its segment, from
+which positions continue (after a packed prefill, the last document's).
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ class LanguageModelConfig(BackboneConfig):
 
 class LanguageModelCache(NamedTuple):
     """Every group's block caches (stacked along a leading axis under `scan_layers`) and the
-    number of tokens seen `[B]`."""
+    next token's position in its segment `[B]`."""
 
     layers: Any
-    length: jax.Array
+    position: jax.Array
 
 
 class LanguageModel(nn.Module):
@@ -58,17 +58,16 @@ class LanguageModel(nn.Module):
     ) -> tuple[jax.Array, LanguageModelCache]:
         """`tokens: [B, T]` int -> `(logits [B, T, vocab] float32, cache)`."""
         batch, length = tokens.shape
-        seen = None if cache is None else cache.length
         if positions is None:
-            positions = default_positions(batch, length, segment_ids, seen)
+            offset = None if cache is None else cache.position
+            positions = default_positions(batch, length, segment_ids, offset)
         caches = None if cache is None else cache.layers
         x, caches = self.backbone(tokens, segment_ids, positions, caches)
         if self.config.tie_embeddings:
             logits = self.backbone.embed.attend(x)
         else:
             logits = self.head(x)
-        start = jnp.zeros((batch,), jnp.int32) if seen is None else seen
-        return logits.astype(jnp.float32), LanguageModelCache(caches, start + length)
+        return logits.astype(jnp.float32), LanguageModelCache(caches, positions[:, -1] + 1)
 
     def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32):
         """The cache before any token (call on the unbound module: no parameters needed)."""

@@ -3,6 +3,8 @@ attention layer of Llama-style Transformers and of the hybrids; fla's `layers/at
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -53,9 +55,22 @@ class AttentionConfig:
         return self.head_dim or self.width // self.num_heads
 
 
+class AttentionCache(NamedTuple):
+    """The keys and values seen (`KVCache`: a ring buffer of `window` slots when windowed, so
+    decoding memory is O(window)) and the next token's position in its segment `[B]` (what
+    RoPE continues from; the cache's own positions count every token of the row)."""
+
+    kv: KVCache
+    position: jax.Array
+
+
 class Attention(nn.Module):
-    """Causal softmax attention; the cache is a `KVCache` (a ring buffer of `window` slots
-    when windowed, so decoding memory is O(window))."""
+    """Causal softmax attention with RoPE.
+
+    A call without a cache returns the cache of exactly its tokens (capacity T, or the
+    window): to decode on, start from `init_cache(batch, max_length)` instead, whose capacity
+    bounds the tokens a full-attention layer can hold.
+    """
 
     config: AttentionConfig
 
@@ -66,28 +81,30 @@ class Attention(nn.Module):
         *,
         segment_ids: jax.Array | None = None,
         positions: jax.Array | None = None,
-        cache: KVCache | None = None,
-    ) -> tuple[jax.Array, KVCache]:
+        cache: AttentionCache | None = None,
+    ) -> tuple[jax.Array, AttentionCache]:
         c = self.config
         batch, length, _ = x.shape
         q = dense((c.num_heads, c.key_dim), ("embed", "heads", "kv"), "q")(x)
         k = dense((c.kv_heads, c.key_dim), ("embed", "heads", "kv"), "k")(x)
         v = dense((c.kv_heads, c.key_dim), ("embed", "heads", "kv"), "v")(x)
         if positions is None:
-            offset = None if cache is None else cache.length
+            offset = None if cache is None else cache.position
             positions = default_positions(batch, length, segment_ids, offset)
         q, k = rotary(q, positions, c.rope_base), rotary(k, positions, c.rope_base)
-        if cache is not None and length == 1:
-            o, cache = softmax_attention_step(q[:, 0], k[:, 0], v[:, 0], cache, window=c.window)
+        kv = None if cache is None else cache.kv
+        if kv is not None and length == 1:
+            o, kv = softmax_attention_step(q[:, 0], k[:, 0], v[:, 0], kv, window=c.window)
             o = o[:, None]
         else:
-            o, cache = softmax_attention(
-                q, k, v, window=c.window, segment_ids=segment_ids, initial_state=cache, impl=c.impl
+            o, kv = softmax_attention(
+                q, k, v, window=c.window, segment_ids=segment_ids, initial_state=kv, impl=c.impl
             )
         y = dense(c.width, ("heads", "kv", "embed"), "o", axis=(-2, -1))(o)
-        return y, cache
+        return y, AttentionCache(kv, positions[:, -1] + 1)
 
-    def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32) -> KVCache:
+    def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32) -> AttentionCache:
         c = self.config
         capacity = max_length if c.window is None else c.window
-        return init_kv_cache(batch_size, capacity, c.kv_heads, c.key_dim, c.key_dim, dtype)
+        kv = init_kv_cache(batch_size, capacity, c.kv_heads, c.key_dim, c.key_dim, dtype)
+        return AttentionCache(kv, jnp.zeros((batch_size,), jnp.int32))

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from seqjax.nn.layers import dense
-from seqjax.scan import segment_starts
+from seqjax.scan import segment_index, segment_starts
 
 ACTIVATIONS = {"silu": jax.nn.silu, None: lambda x: x}
 
@@ -55,7 +55,7 @@ def causal_conv(
     width = kernel.shape[0]
     length = x.shape[1]
     padded = jnp.concatenate([cache.astype(x.dtype), x], axis=1).astype(jnp.float32)
-    segments = None if segment_ids is None else segment_ids.astype(jnp.int32)
+    segments = None if segment_ids is None else segment_index(segment_ids)
     y = jnp.zeros(x.shape, jnp.float32)
     for lag in range(width):
         shifted = padded[:, width - 1 - lag : width - 1 - lag + length]

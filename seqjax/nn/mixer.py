@@ -7,7 +7,7 @@ A mixer maps `x: [B, T, D]` to `y: [B, T, D]`:
 
 - `segment_ids: [B, T]` packs documents: no token sees another document.
 - `positions: [B, T]` (layers with position embeddings): None means the token's index within
-  its segment, counted on from the cache's length when there is a cache.
+  its segment, counted on from the position the cache holds when there is one.
 - `cache`: the state after earlier tokens (recurrent states, short-convolution tails, a KV
   cache). With a cache the call continues those tokens: any T, so prefill and token-by-token
   decoding are the same call, and decoding equals the parallel pass.

@@ -49,7 +49,7 @@ from jax import lax
 
 from seqjax import checks
 from seqjax.ops import attention_pallas
-from seqjax.scan import online_softmax, segment_starts
+from seqjax.scan import online_softmax, segment_index, segment_starts
 from seqjax.scan.linear_recurrence import accumulation_dtype
 
 AttentionImpl = Literal["auto", "reference", "xla", "blockwise", "pallas"]
@@ -99,7 +99,7 @@ class Visibility(NamedTuple):
     """What decides which keys a query sees, for queries `[B, T]` and keys `[B, S]`.
 
     Positions are absolute (a cache's tokens come before the new ones); a key with position
-    -1 is invisible; segments compare equal within a packed document.
+    -1 is invisible; segments are `segment_index`es, equal within a packed document.
     """
 
     q_positions: jax.Array
@@ -131,8 +131,8 @@ def _visibility(batch, length, key_length, segment_ids, cache) -> Visibility:
     start = jnp.zeros((batch,), jnp.int32) if cache is None else cache.length
     positions = start[:, None] + jnp.arange(length, dtype=jnp.int32)
     segments = (
-        jnp.zeros((batch, length), jnp.int32) if segment_ids is None else segment_ids
-    ).astype(jnp.int32)
+        jnp.zeros((batch, length), jnp.int32) if segment_ids is None else segment_index(segment_ids)
+    )
     if key_length != length:
         key_positions = jnp.broadcast_to(
             jnp.arange(key_length, dtype=jnp.int32), (batch, key_length)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu import attention as triton_attention
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-from seqjax.scan import segment_starts
+from seqjax.scan import segment_index
 
 KERNELS = ("triton", "splash")
 TRITON_BLOCK = 64
@@ -73,7 +73,7 @@ def _segments(segment_ids: jax.Array | None, batch: int, length: int, padded: in
     if segment_ids is None:
         index = jnp.zeros((batch, length), jnp.int32)
     else:
-        index = jnp.cumsum(segment_starts(segment_ids), axis=1, dtype=jnp.int32)
+        index = segment_index(segment_ids)
     return jnp.pad(index, ((0, 0), (0, padded - length)), constant_values=-1)
 
 

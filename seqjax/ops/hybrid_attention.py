@@ -34,6 +34,7 @@ from seqjax import checks
 from seqjax.ops.attention import ring_write
 from seqjax.ops.common import scan_tokens
 from seqjax.ops.gla import linear_attention
+from seqjax.scan import segment_index
 from seqjax.scan.linear_recurrence import accumulation_dtype
 
 HybridImpl = Literal["auto", "reference", "chunked"]
@@ -263,8 +264,8 @@ def _chunked(q, k, v, phi_q, phi_k, window_factor, scale, state, segment_ids, ch
     window = state.k.shape[1]
     acc = accumulation_dtype(q.dtype, k.dtype, v.dtype, phi_q.dtype, phi_k.dtype)
     segments = (
-        jnp.zeros((batch, length), jnp.int32) if segment_ids is None else segment_ids
-    ).astype(jnp.int32)
+        jnp.zeros((batch, length), jnp.int32) if segment_ids is None else segment_index(segment_ids)
+    )
     # Empty slots (-1) sort first: the window's tokens then sit at positions length - W + e.
     order = jnp.argsort(state.positions, axis=1)
     take = jax.vmap(lambda x, i: x[i])

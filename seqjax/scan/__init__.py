@@ -4,7 +4,8 @@ from seqjax.scan.linear_recurrence import (
     SCAN_IMPLS,
     ScanImpl,
     linear_recurrence,
+    segment_index,
     segment_starts,
 )
 
-__all__ = ["SCAN_IMPLS", "ScanImpl", "linear_recurrence", "segment_starts"]
+__all__ = ["SCAN_IMPLS", "ScanImpl", "linear_recurrence", "segment_index", "segment_starts"]

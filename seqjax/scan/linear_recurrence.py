@@ -45,6 +45,13 @@ def segment_starts(segment_ids: jax.Array) -> jax.Array:
     return jnp.pad(changed, ((0, 0), (1, 0)))
 
 
+def segment_index(segment_ids: jax.Array) -> jax.Array:
+    """`[B, T]` int32: 0 for the row's first segment, then +1 at every start. Tokens are in
+    the same segment iff their indices are equal: an id that comes back after another is a
+    new segment, as it is for every recurrence."""
+    return jnp.cumsum(segment_starts(segment_ids), axis=1, dtype=jnp.int32)
+
+
 def resolve_impl(impl: ScanImpl) -> str:
     """The algorithm `"auto"` stands for on the default backend.
 

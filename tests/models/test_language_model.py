@@ -47,7 +47,7 @@ def test_hybrid_decodes_like_the_parallel_pass(scan_layers):
         logits, cache = step(params, x[:, t : t + 1], cache)
         outputs.append(logits)
     assert_trees_close(jnp.concatenate(outputs, axis=1), expected, 1e-4, "decoded logits")
-    np.testing.assert_array_equal(cache.length, [13, 13])
+    np.testing.assert_array_equal(cache.position, [13, 13])
 
 
 def test_hybrid_packed_rows_equal_separate_sequences():
