@@ -34,6 +34,8 @@ from seqjax.nn.delta_net import DeltaNet, DeltaNetConfig
 from seqjax.nn.gated_delta_net import GatedDeltaNet, GatedDeltaNetConfig
 from seqjax.nn.gla import GLA, GLAConfig
 from seqjax.nn.layers import RMSNorm, SwiGLU, dense
+from seqjax.nn.mamba import Mamba, MambaConfig
+from seqjax.nn.mamba2 import Mamba2, Mamba2Config
 from seqjax.nn.mixer import frozen, positive, require
 
 MIXERS: dict[str, tuple[type, type]] = {
@@ -41,9 +43,11 @@ MIXERS: dict[str, tuple[type, type]] = {
     "gla": (GLAConfig, GLA),
     "delta_net": (DeltaNetConfig, DeltaNet),
     "gated_delta_net": (GatedDeltaNetConfig, GatedDeltaNet),
+    "mamba": (MambaConfig, Mamba),
+    "mamba2": (Mamba2Config, Mamba2),
 }
 # Mixers whose paper block has no MLP after the mixer.
-WITHOUT_MLP: frozenset[str] = frozenset()
+WITHOUT_MLP: frozenset[str] = frozenset({"mamba", "mamba2"})
 # Mixers that take a model-level forget-gate `lower_bound` of width `config.lower_bound_width`.
 LOWER_BOUNDED: frozenset[str] = frozenset()
 DEPTH_FIELDS = ("layer_idx", "num_layers")
