@@ -3,11 +3,12 @@
 Parameters carry logical axis names (`embed`, `heads`, `kv`, `mlp`, `vocab`, `state`) through
 `nn.with_logical_partitioning`, so a module runs unsharded in a notebook and sharded under a
 mesh and rules (`seqjax.parallel`) without change. Computation is float32 where it normalizes
-(norms, gates); matmuls run in the input dtype with float32 parameters cast to it.
+(norms, gates); matmuls run in the input dtype with float32 parameters cast to it (`Dense`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -18,6 +19,50 @@ Initializer = Callable[..., jax.Array]
 LECUN_NORMAL = nn.initializers.lecun_normal()
 
 
+class Dense(nn.Module):
+    """`y = x W (+ b)` over the input axes `axis`, computed in `x`'s dtype (float32 parameters
+    are cast to it, so bfloat16 activations stay bfloat16). The kernel `[*in, *features]` is
+    initialized as the flattened `[prod(in), prod(features)]` matrix (its fan-in is the whole
+    input), then reshaped; `axes` names its axes, inputs first."""
+
+    features: int | tuple[int, ...]
+    axes: tuple[str | None, ...]
+    axis: int | tuple[int, ...] = -1
+    use_bias: bool = False
+    kernel_init: Initializer = LECUN_NORMAL
+    bias_init: Initializer = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        axis = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+        axis = tuple(a % x.ndim for a in axis)
+        if len(self.axes) != len(axis) + len(features):
+            raise ValueError(
+                f"axes: expected {len(axis) + len(features)} names (inputs then features), "
+                f"got {self.axes}"
+            )
+        inputs = tuple(x.shape[a] for a in axis)
+
+        def kernel_init(key, shape, dtype=jnp.float32):
+            flat = (math.prod(inputs), math.prod(features))
+            return self.kernel_init(key, flat, dtype).reshape(shape)
+
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(kernel_init, self.axes), inputs + features
+        )
+        y = jax.lax.dot_general(
+            x, kernel.astype(x.dtype), ((axis, tuple(range(len(axis)))), ((), ()))
+        )
+        if self.use_bias:
+            bias_axes = self.axes[len(axis) :]
+            bias = self.param(
+                "bias", nn.with_logical_partitioning(self.bias_init, bias_axes), features
+            )
+            y = y + bias.astype(x.dtype)
+        return y
+
+
 def dense(
     features: int | tuple[int, ...],
     axes: tuple[str | None, ...],
@@ -26,18 +71,12 @@ def dense(
     axis: int | tuple[int, ...] = -1,
     use_bias: bool = False,
     kernel_init: Initializer = LECUN_NORMAL,
-) -> nn.DenseGeneral:
+    bias_init: Initializer = nn.initializers.zeros,
+) -> Dense:
     """A projection of the `axis` axes (the last by default) to `features`, its kernel's axes
     named `axes` (input axes first), e.g. `dense((H, K), ("embed", "heads", "kv"), "q")` or
     `dense(D, ("heads", "kv", "embed"), "o", axis=(-2, -1))`."""
-    return nn.DenseGeneral(
-        features,
-        axis=axis,
-        use_bias=use_bias,
-        kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
-        name=name,
-    )
+    return Dense(features, axes, axis, use_bias, kernel_init, bias_init, name=name)
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -94,9 +133,9 @@ class GatedRMSNorm(nn.Module):
     def __call__(self, x: jax.Array, z: jax.Array) -> jax.Array:
         norm = RMSNorm(self.eps, self.group_size, self.axis_name, name="norm")
         gate = jax.nn.silu(z.astype(jnp.float32))
-        if self.norm_before_gate:
-            return (norm(x).astype(jnp.float32) * gate).astype(x.dtype)
-        return norm((x.astype(jnp.float32) * gate).astype(x.dtype))
+        xf = x.astype(jnp.float32)  # one rounding, at the end
+        y = norm(xf) * gate if self.norm_before_gate else norm(xf * gate)
+        return y.astype(x.dtype)
 
 
 def rotary(
