@@ -29,11 +29,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from seqjax.nn.aaren import Aaren, AarenConfig
 from seqjax.nn.attention import Attention, AttentionConfig
+from seqjax.nn.based import JRTRNN, Based, BasedConfig, JRTRNNConfig
 from seqjax.nn.delta_net import DeltaNet, DeltaNetConfig
 from seqjax.nn.gated_delta_net import GatedDeltaNet, GatedDeltaNetConfig
 from seqjax.nn.gla import GLA, GLAConfig
 from seqjax.nn.layers import RMSNorm, SwiGLU, dense
+from seqjax.nn.linearized_attention import (
+    Hedgehog,
+    HedgehogConfig,
+    Liger,
+    LigerConfig,
+    LoLCATs,
+    LoLCATsConfig,
+)
 from seqjax.nn.mamba import Mamba, MambaConfig
 from seqjax.nn.mamba2 import Mamba2, Mamba2Config
 from seqjax.nn.mixer import frozen, positive, require
@@ -45,6 +55,12 @@ MIXERS: dict[str, tuple[type, type]] = {
     "gated_delta_net": (GatedDeltaNetConfig, GatedDeltaNet),
     "mamba": (MambaConfig, Mamba),
     "mamba2": (Mamba2Config, Mamba2),
+    "hedgehog": (HedgehogConfig, Hedgehog),
+    "based": (BasedConfig, Based),
+    "lolcats": (LoLCATsConfig, LoLCATs),
+    "liger": (LigerConfig, Liger),
+    "jrt_rnn": (JRTRNNConfig, JRTRNN),
+    "aaren": (AarenConfig, Aaren),
 }
 # Mixers whose paper block has no MLP after the mixer.
 WITHOUT_MLP: frozenset[str] = frozenset({"mamba", "mamba2"})

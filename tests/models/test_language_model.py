@@ -19,6 +19,14 @@ SMALL = {
     "gla": {"num_heads": 2, "chunk_size": 8},
     "delta_net": {"num_heads": 2, "chunk_size": 8},
     "gated_delta_net": {"num_heads": 2, "head_dim": 8, "chunk_size": 8},
+    "mamba": {"state_size": 8, "chunk_size": 8},
+    "mamba2": {"state_size": 16, "head_dim": 16, "chunk_size": 8},
+    "hedgehog": {"num_heads": 4, "feature_dim": 8},
+    "based": {"num_heads": 2, "feature_dim": 4, "window": 8, "chunk_size": 8},
+    "lolcats": {"num_heads": 4, "feature_dim": 8, "window": 8, "chunk_size": 8},
+    "liger": {"num_heads": 4, "window": 8, "chunk_size": 8},
+    "jrt_rnn": {"num_heads": 2, "feature_dim": 4, "prefix_length": 8, "chunk_size": 8},
+    "aaren": {"num_heads": 4},
 }
 
 
