@@ -56,9 +56,9 @@ def crossovers(results: dict) -> list[str]:
         found = None
         for length, row in sorted(results.items()):
             softmax = [row[f"softmax {impl}"]["fwdbwd_s"] for impl in SOFTMAX_IMPLS]
-            best = min(s for s in softmax if s is not None)
+            best = min((s for s in softmax if s is not None), default=None)
             ours = row[f"{op} chunked"]["fwdbwd_s"]
-            if ours is not None and ours < best:
+            if ours is not None and best is not None and ours < best:
                 found = (length, best / ours)
                 break
         if found is None:

@@ -28,6 +28,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core import FrozenDict
 
 from seqjax.nn.aaren import Aaren, AarenConfig
 from seqjax.nn.attention import Attention, AttentionConfig
@@ -96,6 +97,10 @@ class BackboneConfig:
     remat: str = "none"
 
     def __post_init__(self):
+        # Frozen and hashable, so a config can be a static argument of `jit`.
+        object.__setattr__(self, "layers", tuple(self.layers))
+        options = {name: FrozenDict(o) for name, o in dict(self.mixer_options).items()}
+        object.__setattr__(self, "mixer_options", FrozenDict(options))
         positive(self, "width", "mlp_multiple_of")
         if self.vocab_size is not None:
             positive(self, "vocab_size")
@@ -108,12 +113,15 @@ class BackboneConfig:
         require(self.remat in REMAT_POLICIES, "remat", f"expected one of {list(REMAT_POLICIES)}")
         if self.mlp_hidden is not None:
             positive(self, "mlp_hidden")
-        self.layer_specs()  # builds the mixer configs: a bad option fails here, naming its field
+        # Builds every mixer config, used or not: a bad option fails here, naming its field.
+        self.layer_specs(tuple(self.mixer_options))
+        self.layer_specs()
 
-    def layer_specs(self) -> tuple[tuple[str, Any], ...]:
-        """`(mixer name, mixer config)` per layer."""
+    def layer_specs(self, layers: tuple[str, ...] | None = None) -> tuple[tuple[str, Any], ...]:
+        """`(mixer name, mixer config)` per layer (of `self.layers` unless given)."""
+        layers = self.layers if layers is None else layers
         specs = []
-        for index, name in enumerate(self.layers):
+        for index, name in enumerate(layers):
             config_class = MIXERS[name][0]
             options = dict(self.mixer_options.get(name, {}))
             fields = {f.name for f in dataclasses.fields(config_class)}
@@ -122,7 +130,7 @@ class BackboneConfig:
                 message = f"not a settable field of {config_class.__name__}"
                 require(settable, f"mixer_options.{name}.{key}", message)
             if set(DEPTH_FIELDS) <= fields:
-                options.update(layer_idx=index, num_layers=len(self.layers))
+                options.update(layer_idx=index, num_layers=len(layers))
             try:
                 specs.append((name, config_class(width=self.width, **options)))
             except ValueError as error:
@@ -177,12 +185,14 @@ class Group(nn.Module):
     blocks: tuple[tuple[str, Any, int], ...]  # (kind, mixer config, MLP width) per block
     norm_eps: float
     remat: str
+    scanned: bool  # under nn.scan, which keeps XLA from undoing the rematerialization
 
     @nn.compact
     def __call__(self, x, segment_ids, positions, caches, lower_bounds):
         block_class = Block
         if self.remat != "none":
-            block_class = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+            policy = REMAT_POLICIES[self.remat]
+            block_class = nn.remat(Block, policy=policy, prevent_cse=not self.scanned)
         caches = (None,) * len(self.blocks) if caches is None else caches
         seen = dict.fromkeys(lower_bounds, 0)
         new = []
@@ -245,9 +255,9 @@ class Backbone(nn.Module):
                 length=self.repeats,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            self.groups = scanned(blocks, c.norm_eps, c.remat)
+            self.groups = scanned(blocks, c.norm_eps, c.remat, True)
         else:
-            self.groups = [Group(blocks, c.norm_eps, c.remat) for _ in range(self.repeats)]
+            self.groups = [Group(blocks, c.norm_eps, c.remat, False) for _ in range(self.repeats)]
         self.norm = RMSNorm(c.norm_eps)
 
     def __call__(self, inputs, segment_ids, positions, caches):

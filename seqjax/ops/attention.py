@@ -21,7 +21,8 @@ Impls (all agree in values and gradients; `benchmarks/attention.py` measures the
   see (causal and window block ranges are skipped, not masked), with a `custom_vjp` whose
   backward recomputes the probabilities block by block from the saved log-sum-exp
   (FlashAttention-2). Memory O(B H T (K + V) + B H block^2); compute O(T^2) causal, O(T window)
-  windowed.
+  windowed. Being a `custom_vjp`, it has no forward mode (`jax.jvp`, `jax.hessian`): use
+  `"reference"` or `"xla"` for those, since `"auto"` may pick it.
 - `"pallas"`: the flash-attention kernels that ship with JAX (Triton on GPU, splash on TPU;
   interpreted on CPU), see `seqjax.ops.attention_pallas` for what each supports. A call a
   kernel cannot do falls back to `"xla"` on GPU and to `"blockwise"` elsewhere.
@@ -325,7 +326,7 @@ def _xla(q, k, v, vis, causal, window, bias, scale, structured):
         q,
         k,
         v,
-        bias=None if bias is None else bias.astype(q.dtype),
+        bias=None if bias is None else bias.astype(jnp.float32),
         mask=mask,
         scale=scale,
         is_causal=is_causal,
@@ -340,7 +341,16 @@ def _xla(q, k, v, vis, causal, window, bias, scale, structured):
             o = None
     if o is None:
         o = call()
-    return o[..., :value_dim].astype(acc)
+    o = o[..., :value_dim].astype(acc)
+    if structured and bias is None:
+        return o  # every query sees itself
+    # A query that sees no key gets zeros, as in the other impls (dot_product_attention
+    # averages the values then).
+    seen = visible(vis, causal, window)[:, None]
+    if bias is not None:
+        seen = seen & jnp.isfinite(bias)
+    has_key = jnp.moveaxis(jnp.any(seen, axis=-1), 1, 2)  # [B, T, H or 1]
+    return jnp.where(has_key[..., None], o, 0.0)
 
 
 # ----------------------------------------------------------------------------- blockwise
@@ -539,8 +549,8 @@ def _blockwise(q, k, v, vis, causal, window, bias, scale, cache, block_size):
     """Pads queries, the cache's keys and the new keys to whole blocks and runs the core."""
     batch, length, heads, _ = q.shape
     kv_heads, key_length = k.shape[2], k.shape[1]
-    size = min(block_size, max(length, key_length))
     cache_len = 0 if cache is None else cache.k.shape[1]
+    size = min(block_size, max(length, cache_len + key_length))
     blocks = _Blocks(size, -(-length // size), -(-cache_len // size), -(-key_length // size))
     tp, cp, kp = blocks.nq * size, blocks.nc * size, blocks.nk * size
 

@@ -155,6 +155,20 @@ def test_bias_with_broadcast_axes_and_a_cache(impl):
 
 
 @pytest.mark.parametrize("impl", ["xla", "blockwise"])
+def test_large_bfloat16_bias_and_a_query_that_sees_no_key(impl):
+    """The bias is added in float32 (a bfloat16 bias of 300 + 0.5 s would lose its fractions)
+    and a query whose every key is masked by -inf outputs zeros, as in the reference."""
+    inputs = make_inputs(jax.random.key(9), 1, 6, jnp.bfloat16)
+    bias = 300.0 + 0.5 * jnp.arange(6.0)[None, None, None]
+    bias = jnp.broadcast_to(bias, (1, HEADS, 6, 6)).at[:, :, 2].set(-jnp.inf)
+    args = (inputs["q"], inputs["k"], inputs["v"])
+    expected, _ = softmax_attention(*args, bias=bias, impl="reference")
+    out, _ = softmax_attention(*args, bias=bias, impl=impl, block_size=4)
+    assert_trees_close(out, expected, 2e-2, impl)
+    assert not bool(jnp.any(out[:, 2]))
+
+
+@pytest.mark.parametrize("impl", ["xla", "blockwise"])
 def test_cross_attention_with_more_keys_than_queries(impl):
     inputs = make_inputs(jax.random.key(7), 2, 11, jnp.float32)
     memory = make_inputs(jax.random.key(8), 2, 29, jnp.float32)
