@@ -50,6 +50,7 @@ from jax import lax
 
 from seqjax import checks
 from seqjax.ops import attention_pallas
+from seqjax.ops.common import take_rows
 from seqjax.scan import online_softmax, segment_index, segment_starts
 from seqjax.scan.linear_recurrence import accumulation_dtype
 
@@ -183,10 +184,9 @@ def ring_write(
         first = jnp.where(jnp.any(starts, axis=1), length + last_start, 0)
         positions = jnp.where(positions >= first[:, None], positions, -1)
     keep = positions >= 0
-    take = jax.vmap(lambda x, i: x[i])
 
     def write(old, x):
-        fresh = take(x, source).astype(old.dtype)
+        fresh = take_rows(x, source).astype(old.dtype)
         expand = (...,) + (None,) * (old.ndim - 2)
         return jnp.where(keep[expand], jnp.where(is_new[expand], fresh, old), 0)
 

@@ -156,6 +156,8 @@ def attention(
     interpret: bool = False,
 ) -> jax.Array:
     """Self-attention `[B, T, H, K]` by a Pallas kernel (a call `supports` accepts)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
     batch, length = q.shape[:2]
     block = TRITON_BLOCK if kernel == "triton" else SPLASH_BLOCK
     padded = -(-length // block) * block

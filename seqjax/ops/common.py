@@ -17,6 +17,11 @@ ScanOpImpl = Literal["auto", "reference", "sequential", "associative", "chunked"
 SCAN_OP_IMPLS: tuple[str, ...] = ("auto", "reference", "sequential", "associative", "chunked")
 
 
+def take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
+    """`x[b, index[b]]` for each row b: `x: [B, N, ...]` and `index: [B]` or `[B, M]`."""
+    return jax.vmap(lambda row, i: row[i])(x, index)
+
+
 def token_starts(segment_ids: jax.Array | None, batch: int, length: int) -> jax.Array:
     """`[B, T]` bool, True where a token opens a new segment (never at t = 0; see the scan)."""
     if segment_ids is None:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from seqjax import checks
 from seqjax.ops.attention import ring_write
-from seqjax.ops.common import scan_tokens
+from seqjax.ops.common import scan_tokens, take_rows
 from seqjax.ops.gla import linear_attention
 from seqjax.scan import segment_index
 from seqjax.scan.linear_recurrence import accumulation_dtype
@@ -135,10 +135,9 @@ def sliding_window_hybrid_attention_step(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
 
     slot = jnp.mod(state.length, window)
-    take = jax.vmap(lambda x, i: x[i])
-    leaving = (take(state.positions, slot) >= 0).astype(acc)[:, None, None]
-    old_phi = take(state.phi_k, slot).astype(acc) * leaving
-    S = state.S + old_phi[..., :, None] * take(state.v, slot).astype(acc)[..., None, :]
+    leaving = (take_rows(state.positions, slot) >= 0).astype(acc)[:, None, None]
+    old_phi = take_rows(state.phi_k, slot).astype(acc) * leaving
+    S = state.S + old_phi[..., :, None] * take_rows(state.v, slot).astype(acc)[..., None, :]
     z = state.z + old_phi
     (ring_k, ring_v, ring_phi), positions, length = ring_write(
         (state.k, state.v, state.phi_k),
@@ -268,8 +267,7 @@ def _chunked(q, k, v, phi_q, phi_k, window_factor, scale, state, segment_ids, ch
     )
     # Empty slots (-1) sort first: the window's tokens then sit at positions length - W + e.
     order = jnp.argsort(state.positions, axis=1)
-    take = jax.vmap(lambda x, i: x[i])
-    ring = [take(x, order).astype(acc) for x in (state.k, state.v, state.phi_k)]
+    ring = [take_rows(x, order).astype(acc) for x in (state.k, state.v, state.phi_k)]
     ring_q = jnp.zeros((batch, window, *q.shape[2:]), acc)
     ring_phi_q = jnp.zeros((batch, window, *phi_q.shape[2:]), acc)
     q_all, k_all, v_all, phi_q_all, phi_k_all = (
@@ -278,7 +276,9 @@ def _chunked(q, k, v, phi_q, phi_k, window_factor, scale, state, segment_ids, ch
             (ring_q, *ring[:2], ring_phi_q, ring[2]), (q, k, v, phi_q, phi_k), strict=True
         )
     )
-    valid = jnp.concatenate([take(state.positions, order) >= 0, jnp.ones_like(segments, bool)], 1)
+    valid = jnp.concatenate(
+        [take_rows(state.positions, order) >= 0, jnp.ones_like(segments, bool)], 1
+    )
     segments = jnp.concatenate([jnp.broadcast_to(segments[:, :1], (batch, window)), segments], 1)
     num_w, den_w = _window_terms(
         q_all, k_all, v_all, valid, segments, window, window_factor, scale, chunk_size, acc
