@@ -34,9 +34,13 @@ from seqjax.nn.aaren import Aaren, AarenConfig
 from seqjax.nn.attention import Attention, AttentionConfig
 from seqjax.nn.based import JRTRNN, Based, BasedConfig, JRTRNNConfig
 from seqjax.nn.delta_net import DeltaNet, DeltaNetConfig
+from seqjax.nn.diagonal_lrnn import DiagonalLRNN, DiagonalLRNNConfig
 from seqjax.nn.gated_delta_net import GatedDeltaNet, GatedDeltaNetConfig
 from seqjax.nn.gla import GLA, GLAConfig
+from seqjax.nn.hgrn import HGRN, HGRNConfig
+from seqjax.nn.hgrn2 import HGRN2, HGRN2Config
 from seqjax.nn.layers import RMSNorm, SwiGLU, dense
+from seqjax.nn.lightnet import LightNet, LightNetConfig
 from seqjax.nn.linearized_attention import (
     Hedgehog,
     HedgehogConfig,
@@ -48,6 +52,12 @@ from seqjax.nn.linearized_attention import (
 from seqjax.nn.mamba import Mamba, MambaConfig
 from seqjax.nn.mamba2 import Mamba2, Mamba2Config
 from seqjax.nn.mixer import frozen, positive, require
+from seqjax.nn.mlstm import MLSTM, MLSTMConfig
+from seqjax.nn.retnet import RetNet, RetNetConfig
+from seqjax.nn.rg_lru import RGLRU, RGLRUConfig
+from seqjax.nn.rnn import GRU, LSTM, SLSTM, GRUConfig, LSTMConfig, SLSTMConfig
+from seqjax.nn.ssm import LRU, S4, S4D, S5, LRUConfig, S4Config, S4DConfig, S5Config
+from seqjax.nn.transnormer import TransNormer, TransNormerConfig
 
 MIXERS: dict[str, tuple[type, type]] = {
     "attention": (AttentionConfig, Attention),
@@ -62,11 +72,28 @@ MIXERS: dict[str, tuple[type, type]] = {
     "liger": (LigerConfig, Liger),
     "jrt_rnn": (JRTRNNConfig, JRTRNN),
     "aaren": (AarenConfig, Aaren),
+    "retnet": (RetNetConfig, RetNet),
+    "transnormer": (TransNormerConfig, TransNormer),
+    "lightnet": (LightNetConfig, LightNet),
+    "hgrn": (HGRNConfig, HGRN),
+    "hgrn2": (HGRN2Config, HGRN2),
+    "s4": (S4Config, S4),
+    "s4d": (S4DConfig, S4D),
+    "s5": (S5Config, S5),
+    "lru": (LRUConfig, LRU),
+    "rg_lru": (RGLRUConfig, RGLRU),
+    "diagonal_lrnn": (DiagonalLRNNConfig, DiagonalLRNN),
+    "mlstm": (MLSTMConfig, MLSTM),
+    "slstm": (SLSTMConfig, SLSTM),
+    "lstm": (LSTMConfig, LSTM),
+    "gru": (GRUConfig, GRU),
 }
 # Mixers whose paper block has no MLP after the mixer.
-WITHOUT_MLP: frozenset[str] = frozenset({"mamba", "mamba2"})
+WITHOUT_MLP: frozenset[str] = frozenset(
+    {"mamba", "mamba2", "s4", "s4d", "s5", "lru", "diagonal_lrnn", "mlstm"}
+)
 # Mixers that take a model-level forget-gate `lower_bound` of width `config.lower_bound_width`.
-LOWER_BOUNDED: frozenset[str] = frozenset()
+LOWER_BOUNDED: frozenset[str] = frozenset({"hgrn", "hgrn2"})
 DEPTH_FIELDS = ("layer_idx", "num_layers")
 REMAT_POLICIES = {
     "none": None,

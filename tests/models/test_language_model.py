@@ -27,6 +27,21 @@ SMALL = {
     "liger": {"num_heads": 4, "window": 8, "chunk_size": 8},
     "jrt_rnn": {"num_heads": 2, "feature_dim": 4, "prefix_length": 8, "chunk_size": 8},
     "aaren": {"num_heads": 4},
+    "retnet": {"num_heads": 2, "chunk_size": 8},
+    "transnormer": {"num_heads": 4, "chunk_size": 8},
+    "lightnet": {"expand_ratio": 8, "gate_low_rank": 8, "chunk_size": 8},
+    "hgrn": {},
+    "hgrn2": {"expand_ratio": 8, "chunk_size": 8},
+    "s4": {"state_size": 16},
+    "s4d": {"state_size": 16},
+    "s5": {"state_size": 32},
+    "lru": {"state_size": 32},
+    "rg_lru": {"num_heads": 2},
+    "diagonal_lrnn": {"allow_neg_eigval": True},
+    "mlstm": {"num_heads": 2, "chunk_size": 8},
+    "slstm": {"num_heads": 2},
+    "lstm": {"num_heads": 2},
+    "gru": {"num_heads": 2},
 }
 
 
@@ -159,3 +174,32 @@ def test_blocks_without_mlp_and_the_sequence_classifier():
     assert_trees_close(logits[:1], alone, 1e-5, "right padding")
     with pytest.raises(ValueError, match=r"^inputs:"):
         classifier.apply(params, tokens())
+
+
+def test_hgrn_lower_bounds_are_one_model_parameter_through_scanned_groups():
+    config = LanguageModelConfig(VOCAB, WIDTH, ("hgrn", "gla") * 2, mixer_options=SMALL)
+    model = build(config)
+    x = tokens()
+    params = model.init(jax.random.key(1), x)
+    bounds = params["params"]["backbone"]["lower_bounds_hgrn"]
+    assert bounds.value.shape == (2, WIDTH)
+    expected, _ = jax.jit(model.apply)(params, x)
+    step = jax.jit(lambda p, t, c: model.apply(p, t, cache=c))
+    logits, cache = step(params, x[:, :6], model.init_cache(2, 13))
+    outputs = [logits]
+    for t in range(6, 13):
+        logits, cache = step(params, x[:, t : t + 1], cache)
+        outputs.append(logits)
+    assert_trees_close(jnp.concatenate(outputs, axis=1), expected, 1e-4, "decoded logits")
+    grads = jax.grad(loss_fn(model))(params, x)
+    assert float(jnp.abs(grads["params"]["backbone"]["lower_bounds_hgrn"].value).max()) > 0
+
+
+def test_transnormer_layers_get_their_depth():
+    config = LanguageModelConfig(VOCAB, WIDTH, ("transnormer", "gla") * 2, mixer_options=SMALL)
+    depths = [(c.layer_idx, c.num_layers) for n, c in config.layer_specs() if n == "transnormer"]
+    assert depths == [(0, 4), (2, 4)]
+    with pytest.raises(ValueError, match=r"^mixer_options.transnormer.layer_idx"):
+        LanguageModelConfig(
+            VOCAB, WIDTH, ("transnormer",), mixer_options={"transnormer": {"layer_idx": 1}}
+        )
