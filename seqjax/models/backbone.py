@@ -53,6 +53,7 @@ from seqjax.nn.mamba import Mamba, MambaConfig
 from seqjax.nn.mamba2 import Mamba2, Mamba2Config
 from seqjax.nn.mixer import frozen, positive, require
 from seqjax.nn.mlstm import MLSTM, MLSTMConfig
+from seqjax.nn.mom import MoM, MoMConfig
 from seqjax.nn.retnet import RetNet, RetNetConfig
 from seqjax.nn.rg_lru import RGLRU, RGLRUConfig
 from seqjax.nn.rnn import GRU, LSTM, SLSTM, GRUConfig, LSTMConfig, SLSTMConfig
@@ -87,6 +88,7 @@ MIXERS: dict[str, tuple[type, type]] = {
     "slstm": (SLSTMConfig, SLSTM),
     "lstm": (LSTMConfig, LSTM),
     "gru": (GRUConfig, GRU),
+    "mom": (MoMConfig, MoM),
 }
 # Mixers whose paper block has no MLP after the mixer.
 WITHOUT_MLP: frozenset[str] = frozenset(
@@ -276,7 +278,8 @@ class Backbone(nn.Module):
         if self.scanned:
             scanned = nn.scan(
                 Group,
-                variable_axes={"params": 0},
+                # Sown values (MoM's load-balancing loss) stack along the layers too.
+                variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, 0, 0),
                 length=self.repeats,

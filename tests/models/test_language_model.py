@@ -42,6 +42,7 @@ SMALL = {
     "slstm": {"num_heads": 2},
     "lstm": {"num_heads": 2},
     "gru": {"num_heads": 2},
+    "mom": {"num_heads": 2, "head_dim": 16, "chunk_size": 8},
 }
 
 
@@ -203,3 +204,17 @@ def test_transnormer_layers_get_their_depth():
         LanguageModelConfig(
             VOCAB, WIDTH, ("transnormer",), mixer_options={"transnormer": {"layer_idx": 1}}
         )
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_mom_load_balancing_losses_are_sown_from_every_layer(scan_layers):
+    config = LanguageModelConfig(
+        VOCAB, WIDTH, ("mom", "mom"), mixer_options=SMALL, scan_layers=scan_layers
+    )
+    model = build(config)
+    x = tokens()
+    params = model.init(jax.random.key(1), x)
+    _, sown = model.apply(params, x, mutable=["intermediates"])
+    losses = jax.tree.leaves(sown)
+    assert sum(leaf.size for leaf in losses) == 2
+    assert all(bool(jnp.all(leaf > 0)) for leaf in losses)
