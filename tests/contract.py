@@ -11,7 +11,8 @@ DESIGN.md for every fast impl against `impl="reference"`:
 - packed segments equal the same segments run separately;
 - stepping token by token with the op's `*_step` equals the parallel form;
 - the reference's gradients equal finite differences (float64);
-- random shapes drawn by hypothesis agree with the reference.
+- random shapes drawn by hypothesis agree with the reference (slow job only: every example
+  compiles anew).
 
 Compilation dominates on CPU, so each check runs one representative case per impl by default
 (`length = chunk + 1`, packed, float32, plus one bfloat16 case); the rest of the matrix is
@@ -371,7 +372,9 @@ class OpContract:
             )
 
     # Every subclass runs this method for its own op, which hypothesis sees as "differing
-    # executors"; the examples are derandomized, so each op's run is reproducible.
+    # executors"; the examples are derandomized, so each op's run is reproducible. Each example
+    # compiles anew, so this runs in the slow job (the fixed cases above cover the default).
+    @pytest.mark.slow
     @settings(
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.differing_executors]
     )

@@ -57,7 +57,7 @@ def tokens(batch=2, length=13, seed=0):
     return jax.random.randint(jax.random.key(seed), (batch, length), 0, VOCAB)
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("scan_layers", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_hybrid_decodes_like_the_parallel_pass(scan_layers):
     model = build(hybrid(scan_layers=scan_layers))
     x = tokens()
@@ -74,6 +74,7 @@ def test_hybrid_decodes_like_the_parallel_pass(scan_layers):
     np.testing.assert_array_equal(cache.position, [13, 13])
 
 
+@pytest.mark.slow  # each mixer's check covers packing; this is the whole model's
 def test_hybrid_packed_rows_equal_separate_sequences():
     model = build(hybrid())
     x = tokens(batch=1)
@@ -206,7 +207,7 @@ def test_transnormer_layers_get_their_depth():
         )
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("scan_layers", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_mom_load_balancing_losses_are_sown_from_every_layer(scan_layers):
     config = LanguageModelConfig(
         VOCAB, WIDTH, ("mom", "mom"), mixer_options=SMALL, scan_layers=scan_layers

@@ -68,7 +68,7 @@ def broadcast_query_attention(q, k, v, segment_ids=None):
     return softmax_attention(queries, k, v, segment_ids=segment_ids, impl="reference")[0]
 
 
-@pytest.mark.parametrize("impl", ["reference", "associative"])
+@pytest.mark.parametrize("impl", [pytest.param("reference", marks=pytest.mark.slow), "associative"])
 def test_equals_masked_softmax_attention_with_a_broadcast_query(impl):
     inputs = make_inputs(jax.random.key(0), 2, 45, jnp.float32)
     segment_ids = jnp.asarray([[0] * 20 + [1] * 25, [0] * 45])
