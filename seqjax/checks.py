@@ -120,6 +120,18 @@ def check_positive(name: str, value: int) -> None:
         raise ValueError(f"{name}: expected a positive integer, got {value!r}")
 
 
+def check_at_least(name: str, value: int, minimum: int, meaning: str = "") -> None:
+    """Rejects anything but an integer `>= minimum`; `meaning` says what the bound is."""
+    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < minimum:
+        bound = f"{minimum} ({meaning})" if meaning else f"{minimum}"
+        raise ValueError(f"{name}: expected an integer >= {bound}, got {value!r}")
+
+
+def check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool | np.bool_):
+        raise ValueError(f"{name}: expected a bool, got {value!r}")
+
+
 def check_values(name: str, ok: jax.Array, expected: str) -> None:
     """Checks a condition on values: eagerly when concrete, via checkify when opted in."""
     if isinstance(ok, jax.core.Tracer):
