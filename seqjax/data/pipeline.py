@@ -465,18 +465,25 @@ def host_batches(
     source: Sequence[dict],
     *,
     batch_size: int,
+    length: int,
+    packing: Packing | Literal["decompose"] = "pack",
+    min_length: int = 1,
     num_shards: int | None = None,
     **options,
 ) -> grain.IterDataset:
-    """This host's rows of global batches of `batch_size` rows (`options`: those of `batches`
-    but the sharding).
+    """This host's rows of global batches of `batch_size` rows of `length` tokens (`options`:
+    those of `batches`, but the sharding).
 
     The data is cut into `num_shards` shards (default: one per host), each batched on its own
     (`batches` with `batch_size / num_shards` rows); a host reads `num_shards / process count`
     of them and puts their batches side by side, and the global batch is every host's rows in
     process order. So the global batches depend on the seed and `num_shards` alone: a run on
     one host with `num_shards=2` sees the batches a two-host run sees, which is how the
-    multi-host path is tested on one machine."""
+    multi-host path is tested on one machine.
+
+    `packing="decompose"` gives Dataset Decomposition's batches instead (`decomposed_batches`
+    with `batch_size * length` tokens per global batch, chunks of `min_length` to `length`
+    tokens): `[batch_size * length / 2^i, 2^i]`, one length bucket per step."""
     hosts, host = jax.process_count(), jax.process_index()
     num_shards = hosts if num_shards is None else num_shards
     check_positive("num_shards", num_shards)
@@ -488,16 +495,33 @@ def host_batches(
             f"batch_size: {batch_size} rows do not split into {num_shards} shards' batches"
         )
     per_host = num_shards // hosts
-    shards = [
-        batches(
-            source,
-            batch_size=batch_size // num_shards,
-            shard_index=shard,
-            shard_count=num_shards,
-            **options,
-        )
-        for shard in range(host * per_host, (host + 1) * per_host)
-    ]
+    rows = batch_size // num_shards
+    shards = []
+    for shard in range(host * per_host, (host + 1) * per_host):
+        if packing == "decompose":
+            shards.append(
+                decomposed_batches(
+                    source,
+                    tokens_per_batch=rows * length,
+                    max_length=length,
+                    min_length=min_length,
+                    shard_index=shard,
+                    shard_count=num_shards,
+                    **options,
+                )
+            )
+        else:
+            shards.append(
+                batches(
+                    source,
+                    batch_size=rows,
+                    length=length,
+                    packing=packing,
+                    shard_index=shard,
+                    shard_count=num_shards,
+                    **options,
+                )
+            )
     return grain.experimental.ZipIterDataset(shards).map(_concatenate_rows)
 
 

@@ -11,8 +11,10 @@ defaults are locked, so a misspelt override fails at parse time instead of being
                           different seed, a split, longer lengths)
     data.seed             the order in which the training examples are read (shuffling)
     data.batch_size       the global batch (all hosts together), in rows of data.length tokens
-    data.packing          "pad" (one example per row) or "pack" (documents packed with
-                          segment ids)
+    data.packing          "pad" (one example per row), "pack" (documents packed with
+                          segment ids) or "decompose" (Dataset Decomposition: each step one
+                          length bucket, rows of data.min_length to data.length tokens, the
+                          same data.batch_size * data.length tokens per step; evaluation packs)
     data.num_shards       the data's shards (0: one per host); the global batches depend on
                           it, not on the number of hosts reading them
     model                 the fields of `seqjax.models.LanguageModelConfig` but vocab_size,
@@ -26,8 +28,10 @@ from __future__ import annotations
 
 import ml_collections
 
-from seqjax.data.pipeline import PACKINGS
+from seqjax.data.pipeline import PACKINGS as ROW_PACKINGS
 from seqjax.train.optimizer import DECAYS
+
+PACKINGS = (*ROW_PACKINGS, "decompose")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -43,6 +47,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.data.batch_size = 64
     config.data.length = 128
     config.data.packing = "pad"
+    config.data.min_length = 32
     config.data.num_shards = 0
     config.data.worker_count = 0
 
@@ -116,6 +121,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
     if config.data.packing not in PACKINGS:
         _fail("data.packing", f"expected one of {list(PACKINGS)}, got {config.data.packing!r}")
+    if config.data.packing == "decompose":
+        for field in ("length", "min_length"):
+            value = config.data[field]
+            if not isinstance(value, int) or value < 1 or value & (value - 1):
+                _fail(f"data.{field}", f"decompose needs a power of two, got {value!r}")
+        if config.data.min_length > config.data.length:
+            _fail("data.min_length", f"expected <= data.length = {config.data.length}")
     if config.optimizer.decay not in DECAYS:
         _fail("optimizer.decay", f"expected one of {list(DECAYS)}, got {config.optimizer.decay!r}")
     if not config.optimizer.learning_rate > 0:

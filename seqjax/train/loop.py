@@ -136,16 +136,20 @@ def evaluate(evaluate_step, params, config, eval_source, sharding) -> dict:
 
 
 def data_stream(config: ml_collections.ConfigDict, source, *, shuffle: bool):
-    """This host's rows of the global batches of `config.data` (endless; see `host_batches`)."""
+    """This host's rows of the global batches of `config.data` (endless; see `host_batches`).
+    Evaluation (`shuffle=False`) packs where training decomposes: the same held-out rows at
+    every evaluation, without reading the whole held-out source for its lengths."""
     data = config.data
+    packing = "pack" if data.packing == "decompose" and not shuffle else data.packing
     return host_batches(
         source,
         batch_size=data.batch_size,
         num_shards=data.num_shards or None,
         length=data.length,
         seed=data.seed,
-        packing=data.packing,
+        packing=packing,
         shuffle=shuffle,
+        min_length=data.min_length,
         worker_count=data.worker_count,
     )
 

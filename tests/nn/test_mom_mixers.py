@@ -90,6 +90,7 @@ def test_routed_equals_reference_for_every_memory(memory):
     _check_routed_equals_reference(dataclasses.replace(SMALL, memory=memory, shared_memory=False))
 
 
+@pytest.mark.slow
 def test_routed_prefill_continues_a_cache_as_the_reference_does():
     """A packed call that continues a cache: the first segment continues the cache's state and
     convolution tails, the later ones start afresh."""

@@ -68,10 +68,10 @@ def broadcast_query_attention(q, k, v, segment_ids=None):
     return softmax_attention(queries, k, v, segment_ids=segment_ids, impl="reference")[0]
 
 
-@pytest.mark.parametrize("impl", [pytest.param("reference", marks=pytest.mark.slow), "associative"])
+@pytest.mark.parametrize("impl", ["reference", pytest.param("associative", marks=pytest.mark.slow)])
 def test_equals_masked_softmax_attention_with_a_broadcast_query(impl):
-    inputs = make_inputs(jax.random.key(0), 2, 45, jnp.float32)
-    segment_ids = jnp.asarray([[0] * 20 + [1] * 25, [0] * 45])
+    inputs = make_inputs(jax.random.key(0), 2, 21, jnp.float32)
+    segment_ids = jnp.asarray([[0] * 9 + [1] * 12, [0] * 21])
     args = (inputs["q"], inputs["k"], inputs["v"])
 
     def ours(q, k, v):

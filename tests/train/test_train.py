@@ -105,6 +105,21 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_losses(
 
 
 @pytest.mark.slow
+def test_a_run_killed_on_a_mesh_resumes_on_one_device_to_the_same_losses(
+    one_device, compilation_cache, tmp_path
+):
+    mesh = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
+    process = run(mesh, tmp_path, compilation_cache, devices=8, wait=False)
+    wait_for_checkpoint(tmp_path, process)
+    process.kill()
+    process.wait()
+    run([], tmp_path, compilation_cache)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert 0 < summary["started_at_step"] < 30
+    np.testing.assert_allclose(losses(tmp_path)[30], one_device[30], rtol=1e-4)
+
+
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_exits_cleanly(compilation_cache, tmp_path):
     process = run(["--config.train.steps=2000"], tmp_path, compilation_cache, wait=False)
     wait_for_checkpoint(tmp_path, process)
