@@ -1,5 +1,5 @@
-"""The copying sources: the contract of `seqjax.data.source`, each generator's published spec,
-and targets recomputed by plain Python."""
+"""The copying sources: each generator's published spec, and targets recomputed by plain
+Python (the contract every source shares is in `test_sources.py`)."""
 
 import numpy as np
 import pytest
@@ -7,73 +7,9 @@ import pytest
 from seqjax.data.copying import Copying, InductionHeads, SelectiveCopying
 from seqjax.data.source import IGNORE
 
-SOURCES = {
-    "copying": lambda seed: Copying(alphabet_size=10, min_tokens=3, max_tokens=12, seed=seed),
-    "selective_copying": lambda seed: SelectiveCopying(
-        vocab_size=8, length=40, num_tokens=6, seed=seed
-    ),
-    "copying_memory": lambda seed: SelectiveCopying(
-        vocab_size=8, length=40, num_tokens=6, random_positions=False, seed=seed
-    ),
-    "induction_heads": lambda seed: InductionHeads(vocab_size=8, length=32, seed=seed),
-}
-
 
 def labelled(targets):
     return np.flatnonzero(targets != IGNORE)
-
-
-# The contract shared by every source.
-
-
-@pytest.mark.parametrize("name", SOURCES)
-def test_same_seed_and_index_give_the_same_example(name):
-    first, second = SOURCES[name](3)[7], SOURCES[name](3)[7]
-    assert first.keys() == second.keys() == {"inputs", "targets"}
-    for field in first:
-        np.testing.assert_array_equal(first[field], second[field])
-
-
-@pytest.mark.parametrize("name", SOURCES)
-def test_other_seeds_and_indices_give_other_examples(name):
-    reference = SOURCES[name](3)[7]["inputs"]
-    for other in (SOURCES[name](4)[7]["inputs"], SOURCES[name](3)[8]["inputs"]):
-        assert other.shape != reference.shape or not np.array_equal(other, reference)
-
-
-@pytest.mark.parametrize("name", SOURCES)
-def test_examples_do_not_depend_on_access_order(name):
-    forward = [SOURCES[name](0)[i]["inputs"] for i in range(5)]
-    source = SOURCES[name](0)
-    backward = [source[i]["inputs"] for i in reversed(range(5))][::-1]
-    for a, b in zip(forward, backward, strict=True):
-        np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(source[-1]["inputs"], source[len(source) - 1]["inputs"])
-
-
-@pytest.mark.parametrize("name", SOURCES)
-def test_indices_outside_the_source_raise_index_error(name):
-    source = SOURCES[name](0)
-    with pytest.raises(IndexError, match="index"):
-        source[len(source)]
-    with pytest.raises(IndexError, match="index"):
-        source[-len(source) - 1]
-
-
-@pytest.mark.parametrize("name", SOURCES)
-def test_examples_are_int32_within_vocab_and_max_length(name):
-    source = SOURCES[name](0)
-    lengths = set()
-    for i in range(200):
-        inputs, targets = source[i]["inputs"], source[i]["targets"]
-        assert inputs.dtype == targets.dtype == np.int32
-        assert inputs.shape == targets.shape and inputs.ndim == 1
-        assert 0 <= inputs.min() and inputs.max() < source.vocab_size
-        supervised = targets[labelled(targets)]
-        assert supervised.size > 0
-        assert 0 <= supervised.min() and supervised.max() < source.vocab_size
-        lengths.add(inputs.size)
-    assert max(lengths) == source.max_length
 
 
 # Copying (Jelassi et al.): `$ s | s .`, the copy predicted LM style.

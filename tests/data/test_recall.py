@@ -1,5 +1,5 @@
-"""The recall sources: the contract of `seqjax.data.source`, each generator's published spec,
-and targets recomputed by plain Python."""
+"""The recall sources: each generator's published spec, and targets recomputed by plain
+Python (the contract every source shares is in `test_sources.py`)."""
 
 import random
 import re
@@ -10,71 +10,9 @@ import pytest
 from seqjax.data.recall import MQAR, Passkey, SetDisjointness
 from seqjax.data.source import IGNORE
 
-SOURCES = {
-    "mqar": lambda seed: MQAR(vocab_size=64, length=64, num_kv_pairs=4, seed=seed),
-    "mqar_two_passes": lambda seed: MQAR(
-        vocab_size=64, length=64, num_kv_pairs=4, num_passes=2, seed=seed
-    ),
-    "set_disjointness": lambda seed: SetDisjointness(
-        first_size=4, second_size=12, vocab_size=32, seed=seed
-    ),
-    "passkey": lambda seed: Passkey(length=200, depth=0.3, seed=seed),
-}
-
 
 def labelled(targets):
     return np.flatnonzero(targets != IGNORE)
-
-
-# The contract shared by every source.
-
-
-@pytest.mark.parametrize("name", SOURCES)
-def test_same_seed_and_index_give_the_same_example(name):
-    first, second = SOURCES[name](3)[7], SOURCES[name](3)[7]
-    assert first.keys() == second.keys() == {"inputs", "targets"}
-    for field in first:
-        np.testing.assert_array_equal(first[field], second[field])
-
-
-@pytest.mark.parametrize("name", SOURCES)
-def test_other_seeds_and_indices_give_other_examples(name):
-    reference = SOURCES[name](3)[7]["inputs"]
-    assert not np.array_equal(SOURCES[name](4)[7]["inputs"], reference)
-    assert not np.array_equal(SOURCES[name](3)[8]["inputs"], reference)
-
-
-@pytest.mark.parametrize("name", SOURCES)
-def test_examples_do_not_depend_on_access_order(name):
-    forward = [SOURCES[name](0)[i]["inputs"] for i in range(5)]
-    backward = [SOURCES[name](0)[i]["inputs"] for i in reversed(range(5))][::-1]
-    for a, b in zip(forward, backward, strict=True):
-        np.testing.assert_array_equal(a, b)
-    source = SOURCES[name](0)
-    np.testing.assert_array_equal(source[-1]["inputs"], source[len(source) - 1]["inputs"])
-
-
-@pytest.mark.parametrize("name", SOURCES)
-def test_indices_outside_the_source_raise_index_error(name):
-    source = SOURCES[name](0)
-    with pytest.raises(IndexError, match="index"):
-        source[len(source)]
-    with pytest.raises(IndexError, match="index"):
-        source[-len(source) - 1]
-
-
-@pytest.mark.parametrize("name", SOURCES)
-def test_examples_are_int32_tokens_within_vocab_and_max_length(name):
-    source = SOURCES[name](0)
-    for i in range(20):
-        inputs, targets = source[i]["inputs"], source[i]["targets"]
-        assert inputs.dtype == targets.dtype == np.int32
-        assert inputs.shape == targets.shape and inputs.ndim == 1
-        assert inputs.size <= source.max_length
-        assert inputs.min() >= 0 and inputs.max() < source.vocab_size
-        supervised = targets[targets != IGNORE]
-        assert supervised.size > 0
-        assert supervised.min() >= 0 and supervised.max() < source.vocab_size
 
 
 @pytest.mark.parametrize(

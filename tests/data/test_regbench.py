@@ -100,35 +100,11 @@ def key(delta):
 # The source contract.
 
 
-def test_same_seed_and_index_give_the_same_example():
-    first, second = RegBench(seed=3)[7], RegBench(seed=3)[7]
-    assert first.keys() == second.keys() == {"inputs", "targets", "valid"}
-    for field in first:
-        np.testing.assert_array_equal(first[field], second[field])
-
-
 def test_other_seeds_indices_and_splits_give_other_examples(train, heldout_test):
     reference = train[7]["inputs"]
     same_automaton = RegBench(num_examples=2 * train.num_dfas)[7 + train.num_dfas]
     for other in (RegBench(seed=4)[7], train[8], heldout_test[7], same_automaton):
         assert not np.array_equal(other["inputs"], reference)
-
-
-def test_examples_do_not_depend_on_access_order(train):
-    forward = [train[i] for i in range(5)]
-    fresh = RegBench()
-    backward = [fresh[i] for i in reversed(range(5))][::-1]
-    for a, b in zip(forward, backward, strict=True):
-        for field in a:
-            np.testing.assert_array_equal(a[field], b[field])
-    np.testing.assert_array_equal(train[-1]["inputs"], train[len(train) - 1]["inputs"])
-
-
-def test_indices_outside_the_source_raise_index_error(train):
-    with pytest.raises(IndexError, match="index"):
-        train[len(train)]
-    with pytest.raises(IndexError, match="index"):
-        train.dfa(train.num_dfas)
 
 
 def test_fields_have_the_documented_shapes_and_dtypes(train):

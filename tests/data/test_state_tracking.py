@@ -41,58 +41,6 @@ def last_targets(source, count):
     return np.array([e["targets"][-1] for e in examples(source, count)])
 
 
-@pytest.mark.parametrize("name", SOURCES)
-def test_same_seed_and_index_give_identical_examples(name):
-    first, second = SOURCES[name](seed=3), SOURCES[name](seed=3)
-    for index in (0, 7, 99_999, -1):
-        a, b = first[index], second[index]
-        assert a.keys() == b.keys()
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key])
-
-
-@pytest.mark.parametrize("name", SOURCES)
-def test_different_seeds_give_different_examples(name):
-    a, b = SOURCES[name](seed=0), SOURCES[name](seed=1)
-    differs = [
-        a[i]["inputs"].shape != b[i]["inputs"].shape
-        or not np.array_equal(a[i]["inputs"], b[i]["inputs"])
-        for i in range(10)
-    ]
-    assert sum(differs) >= 9
-
-
-@pytest.mark.parametrize("name", SOURCES)
-def test_examples_do_not_depend_on_access_order(name):
-    source = SOURCES[name]()
-    forward = {i: source[i] for i in range(12)}
-    backward = {i: source[i] for i in reversed(range(12))}
-    for i in range(12):
-        np.testing.assert_array_equal(forward[i]["inputs"], backward[i]["inputs"])
-        np.testing.assert_array_equal(forward[i]["targets"], backward[i]["targets"])
-
-
-@pytest.mark.parametrize("name", SOURCES)
-def test_index_range_is_checked(name):
-    source = SOURCES[name](num_examples=5)
-    assert len(source) == 5
-    np.testing.assert_array_equal(source[-1]["inputs"], source[4]["inputs"])
-    with pytest.raises(IndexError, match="index"):
-        source[5]
-
-
-@pytest.mark.parametrize("name", SOURCES)
-def test_tokens_are_int32_and_inside_the_vocabulary(name):
-    source = SOURCES[name]()
-    for e in examples(source, 100):
-        inputs, targets = e["inputs"], e["targets"]
-        assert inputs.dtype == targets.dtype == np.int32
-        assert inputs.shape == targets.shape
-        assert 0 <= inputs.min() and inputs.max() < source.vocab_size
-        labels = targets[targets != IGNORE]
-        assert 0 <= labels.min() and labels.max() < source.vocab_size
-
-
 @pytest.mark.parametrize("name", LAST_ONLY)
 def test_only_the_last_position_is_supervised(name):
     for e in examples(SOURCES[name](), 100):

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from seqjax.data import TASKS, make_source
 from seqjax.data.source import IGNORE, check_index, example, example_rng
 from seqjax.data.tfds_builders import StoredTask, write_task
 
@@ -181,20 +180,3 @@ def test_a_source_without_sizes_is_rejected(tmp_path):
     source = Sizeless([ToyTask()[0]])
     with pytest.raises(ValueError, match="vocab_size` and `max_length"):
         write_task(tmp_path, "toy_task", {"test": source})
-
-
-GENERATED = sorted(set(TASKS) - {"stdlib_text", "tfds_text", "stored_task"})
-SMALL = {
-    "regbench": {"num_dfas": 20, "num_heldout_dfas": 4},
-    "mqar": {"vocab_size": 64, "length": 64},
-}
-
-
-@pytest.mark.parametrize("task", GENERATED)
-def test_every_generated_task_is_written_and_read_back_exactly(task, tmp_path):
-    source = make_source(task, **SMALL.get(task, {}), num_examples=3)
-    write_task(tmp_path, task, {"test": source})
-    stored = StoredTask(str(tmp_path), task, "test")
-    assert (stored.vocab_size, stored.max_length) == (source.vocab_size, source.max_length)
-    for index in range(len(source)):
-        assert_same_example(stored[index], source[index])
