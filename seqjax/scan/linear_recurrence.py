@@ -266,7 +266,8 @@ def _chunked(
         a_t = at(a, t)
         return a_t * decay, a_t * h + at(b, t)
 
-    zeros = jnp.zeros((batch, num_chunks, *feature_shape), b.dtype)
+    # Typed like `b` (per-shard under shard_map), as a carry meeting `b` must be.
+    zeros = jnp.zeros_like(b[:, :, 0])
     chunk_decay, chunk_state = lax.fori_loop(0, size, summarize, (jnp.ones_like(zeros), zeros))
 
     def enter(h, summary):

@@ -1,0 +1,441 @@
+"""LASP-2 sequence parallelism of the gated linear-attention and delta-rule families.
+
+Every op here is, per head, `S_t = A_t S_{t-1} + w_t` on a `[K, V]` state, so a shard of the
+time axis acts on the state entering it as `S_out(p) = A_p S_in(p) + M_p`
+(`seqjax.parallel.sequence`; Sun et al., "LASP-2"):
+
+    linear_attention:   A_p = 1
+    simple_gla:         A_p = exp(sum_t g_t)        one per head         A S = A * S
+    gla:                A_p = exp(sum_t gk_t)       one per key channel  A S = A[:, None] * S
+    (gated_)delta_rule: A_p = M_{N-1} ... M_1 M_0   `[K, K]`             A S = A @ S
+
+with `M_n` the shard's chunk transitions (`seqjax.ops.delta_rule.chunk_transition`); the
+log-decays are <= 0, so their sums are too and no `exp` of a positive number is formed. `M_p`
+is the shard's final state from a zero state. Each shard computes its `(A_p, M_p)` without its
+outputs (`states_after` at its last token, or the composed chunk transitions), one all-gather
+and a fold give every shard its entering state `S_in(p)`, and the op itself run from
+`S_in(p)` over the shard gives its output (the local correction). The final state, the fold's
+last prefix, leaves `shard_map` replicated through one all-reduce of one state (`replicated`).
+Autodiff transposes the all-gather into one reduce-scatter.
+
+Segments (packed documents): `A_p` is zeroed on rows where a segment starts in the shard (at
+its first token or later), and `S_in(p)` on rows whose first token starts a segment.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from seqjax.ops import chunked_linear_attention as engine
+from seqjax.ops import delta_rule as delta_ops
+from seqjax.ops import gla as gla_ops
+from seqjax.parallel.mesh import BATCH_AXES
+from seqjax.parallel.sequence import (
+    SEQUENCE,
+    boundary_flags,
+    incoming_state,
+    mask_rows,
+    shard_index,
+)
+from seqjax.scan.linear_recurrence import accumulation_dtype
+
+# `summary(inputs, segment_ids) -> (A_p, M_p)` and `correction(inputs, S_in, segment_ids) ->
+# output`, on one shard's `[B, T / P, ...]` inputs.
+Summary = Callable[[dict[str, jax.Array], jax.Array | None], tuple[jax.Array, jax.Array]]
+Correction = Callable[[dict[str, jax.Array], jax.Array, jax.Array | None], jax.Array]
+
+
+def sequence_specs(mesh: Mesh, axis_name: str = SEQUENCE) -> tuple[P, P]:
+    """`(tokens, rows)`: the partition specs of `[B, T, ...]` arrays (B over the mesh's
+    data-parallel axes present, `data` / `fsdp`, T over `axis_name`) and of `[B, ...]` arrays
+    such as states (B only; replicated over `axis_name`)."""
+    batch = _batch_axes(mesh, axis_name) or None
+    return P(batch, axis_name), P(batch)
+
+
+def _batch_axes(mesh: Mesh, axis_name: str) -> tuple[str, ...]:
+    return tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names and axis != axis_name)
+
+
+def check_sequence_split(mesh: Mesh, axis_name: str, **arrays: jax.Array | None) -> None:
+    """Rejects `[B, T, ...]` arrays whose T the `axis_name` devices (or whose B the
+    data-parallel devices) do not divide, naming the argument."""
+    if axis_name not in mesh.axis_names:
+        raise ValueError(f"axis_name: {axis_name!r} is not an axis of the mesh {mesh.axis_names}")
+    devices = mesh.shape[axis_name]
+    batch_axes = _batch_axes(mesh, axis_name)
+    rows = math.prod(mesh.shape[axis] for axis in batch_axes)
+    for name, x in arrays.items():
+        if x is None:
+            continue
+        batch, length = x.shape[:2]
+        if length % devices:
+            raise ValueError(
+                f"{name}: T = {length} is not divisible by the {devices} devices of mesh axis "
+                f"{axis_name!r}"
+            )
+        if batch % rows:
+            raise ValueError(
+                f"{name}: B = {batch} is not divisible by the {rows} devices of mesh axes "
+                f"{batch_axes}"
+            )
+
+
+def replicated(x: jax.Array, axis_name: str) -> jax.Array:
+    """The last shard's `x`, typed as replicated over `axis_name` (one all-reduce of `x`):
+    how a value that every shard computed alike leaves `shard_map` with a spec without the
+    axis."""
+    last = jax.lax.axis_size(axis_name) - 1
+    return jax.lax.psum(jnp.where(shard_index(axis_name) == last, x, 0), axis_name)
+
+
+def _lasp2(
+    summary: Summary,
+    apply: Callable[[jax.Array, jax.Array], jax.Array],
+    correction: Correction,
+    inputs: dict[str, jax.Array],
+    initial_state: jax.Array,
+    segment_ids: jax.Array | None,
+    mesh: Mesh,
+    axis_name: str,
+) -> tuple[jax.Array, jax.Array]:
+    """`(output, final_state)` of an op of the family over `inputs` (each `[B, T, ...]`)
+    sharded along T: the shard summaries `summary`, composed by `apply(A, S)`, one
+    all-gather, then `correction` from each shard's entering state."""
+    tokens, rows = sequence_specs(mesh, axis_name)
+
+    def per_shard(inputs, initial_state, segment_ids):
+        transition, state = summary(inputs, segment_ids)
+        continues, closed = boundary_flags(segment_ids, axis_name)
+        transition = mask_rows(continues & ~closed, transition)
+        entering, final = incoming_state(
+            transition, state, initial_state, apply=apply, axis_name=axis_name
+        )
+        entering = mask_rows(continues, entering)
+        output = correction(inputs, entering, segment_ids)
+        return output, replicated(final, axis_name)
+
+    return jax.shard_map(
+        per_shard,
+        mesh=mesh,
+        in_specs=(tokens, rows, tokens),
+        out_specs=(tokens, rows),
+    )(inputs, initial_state, segment_ids)
+
+
+def _validate(op, inputs, mesh, axis_name, segment_ids, initial_state, **options) -> None:
+    """The split checks, then the op's own checks of shapes and dtypes on the whole inputs
+    (traced: values, such as the sign of log-decays, are checked only under checkify)."""
+    check_sequence_split(mesh, axis_name, **inputs, segment_ids=segment_ids)
+
+    def run(inputs, segment_ids):
+        return op(**inputs, initial_state=initial_state, segment_ids=segment_ids, **options)
+
+    jax.eval_shape(run, inputs, segment_ids)
+
+
+def _zero_state(k: jax.Array, v: jax.Array) -> jax.Array:
+    batch, _, heads, key_dim = k.shape
+    return jnp.zeros((batch, heads, key_dim, v.shape[-1]), accumulation_dtype(k.dtype, v.dtype))
+
+
+def _zero_state_like(k: jax.Array, v: jax.Array) -> jax.Array:
+    """`_zero_state` typed as varying over the mesh axes `k` and `v` vary over, as the scan
+    carry of a local pass over them must be."""
+    axes = jax.typeof(k).manual_axis_type.varying | jax.typeof(v).manual_axis_type.varying
+    return jax.lax.pcast(_zero_state(k, v), tuple(axes), to="varying")
+
+
+def _family(
+    op: Callable[..., tuple[jax.Array, jax.Array]],
+    summary: Summary,
+    apply: Callable[[jax.Array, jax.Array], jax.Array],
+    inputs: dict[str, jax.Array],
+    initial_state: jax.Array | None,
+    segment_ids: jax.Array | None,
+    mesh: Mesh,
+    axis_name: str,
+    **options,
+) -> tuple[jax.Array, jax.Array]:
+    """`op(**inputs, initial_state=, segment_ids=, **options)` sequence-parallel over
+    `axis_name`, for an op whose state is one `[B, H, K, V]` array."""
+    _validate(op, inputs, mesh, axis_name, segment_ids, initial_state, **options)
+    if initial_state is None:
+        initial_state = _zero_state(inputs["k"], inputs["v"])
+
+    def correction(inputs, entering, segment_ids):
+        return op(**inputs, initial_state=entering, segment_ids=segment_ids, **options)[0]
+
+    return _lasp2(summary, apply, correction, inputs, initial_state, segment_ids, mesh, axis_name)
+
+
+# ------------------------------------------------------------- gated linear attention
+
+
+def _decay_summary(chunk_size: int, log_decay_name: str) -> Summary:
+    """`(A_p [B, H, G], M_p)` of the gated linear-attention family: the shard's total decay
+    (G = 1 per head, or K per key channel) and its state after its last token from zeros
+    (`gla.states_after`, no outputs)."""
+
+    def summary(inputs, segment_ids):
+        k, v = inputs["k"], inputs["v"]
+        log_decay = inputs[log_decay_name]
+        last = np.full((k.shape[0], 1), k.shape[1] - 1)
+        state = gla_ops.states_after(
+            k,
+            v,
+            log_decay,
+            last,
+            initial_state=_zero_state_like(k, v),
+            segment_ids=segment_ids,
+            chunk_size=chunk_size,
+        )[:, 0]
+        if log_decay.ndim == 3:
+            log_decay = log_decay[..., None]
+        return jnp.exp(jnp.sum(log_decay.astype(state.dtype), axis=1)), state
+
+    return summary
+
+
+def _decay_apply(transition: jax.Array, state: jax.Array) -> jax.Array:
+    """`A S` for a diagonal decay over K, `A: [B, H, G]`, `S: [B, H, K, V]`."""
+    return transition[..., None] * state
+
+
+def sequence_parallel_linear_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    scale: float | None = None,
+    normalize: bool = False,
+    initial_state: jax.Array | gla_ops.LinearAttentionState | None = None,
+    segment_ids: jax.Array | None = None,
+    impl: gla_ops.GLAImpl = "auto",
+    chunk_size: int = gla_ops.DEFAULT_CHUNK_SIZE,
+    mesh: Mesh,
+    axis_name: str = SEQUENCE,
+) -> tuple[jax.Array, jax.Array | gla_ops.LinearAttentionState]:
+    """`seqjax.ops.linear_attention` with T split over the mesh axis `axis_name` (LASP-2).
+
+    Arguments and results as the op's; with `normalize=True` the `LinearAttentionState`
+    `(S, z)` travels as one state with `z` as an extra value column (the op's own trick).
+    `o` is sharded like `q`, the final state replicated over `axis_name`; T must be divisible
+    by the axis size.
+
+    Each shard runs `simple_gla` with `g = 0` (the same recurrence): `linear_attention`'s own
+    zero decay is not typed as varying inside `shard_map`, which its chunked backward pass
+    rejects.
+    """
+    options = dict(scale=scale, impl=impl, chunk_size=chunk_size)
+    inputs = dict(q=q, k=k, v=v)
+    _validate(
+        gla_ops.linear_attention,
+        inputs,
+        mesh,
+        axis_name,
+        segment_ids,
+        initial_state,
+        normalize=normalize,
+        **options,
+    )
+    state = initial_state
+    if normalize:
+        if initial_state is not None:
+            state = engine.with_key_sum(initial_state.S, initial_state.z)
+        # In the accumulation dtype, so that the output is normalized before its cast, as in
+        # the op.
+        inputs["v"] = engine.with_ones_column(v.astype(accumulation_dtype(v.dtype)))
+    if state is None:
+        state = _zero_state(k, inputs["v"])
+
+    def zero_decay(inputs):
+        return {**inputs, "g": jnp.zeros_like(inputs["q"][..., 0])}
+
+    def summary(inputs, segment_ids):
+        return _decay_summary(chunk_size, "g")(zero_decay(inputs), segment_ids)
+
+    def correction(inputs, entering, segment_ids):
+        o, _ = gla_ops.simple_gla(
+            **zero_decay(inputs), initial_state=entering, segment_ids=segment_ids, **options
+        )
+        return gla_ops.normalized_output(o).astype(v.dtype) if normalize else o
+
+    o, final = _lasp2(
+        summary, _decay_apply, correction, inputs, state, segment_ids, mesh, axis_name
+    )
+    if normalize:
+        return o, gla_ops.LinearAttentionState(final[..., :-1], final[..., -1])
+    return o, final
+
+
+def sequence_parallel_simple_gla(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    *,
+    scale: float | None = None,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    impl: gla_ops.GLAImpl = "auto",
+    chunk_size: int = gla_ops.DEFAULT_CHUNK_SIZE,
+    mesh: Mesh,
+    axis_name: str = SEQUENCE,
+) -> tuple[jax.Array, jax.Array]:
+    """`seqjax.ops.simple_gla` (`g: [B, T, H]`) with T split over the mesh axis `axis_name`
+    (LASP-2); arguments and results as the op's, `o` sharded like `q`, the final state
+    replicated over `axis_name`."""
+    return _family(
+        gla_ops.simple_gla,
+        _decay_summary(chunk_size, "g"),
+        _decay_apply,
+        dict(q=q, k=k, v=v, g=g),
+        initial_state,
+        segment_ids,
+        mesh,
+        axis_name,
+        scale=scale,
+        impl=impl,
+        chunk_size=chunk_size,
+    )
+
+
+def sequence_parallel_gla(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    gk: jax.Array,
+    *,
+    scale: float | None = None,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    impl: gla_ops.GLAImpl = "auto",
+    chunk_size: int = gla_ops.DEFAULT_CHUNK_SIZE,
+    mesh: Mesh,
+    axis_name: str = SEQUENCE,
+) -> tuple[jax.Array, jax.Array]:
+    """`seqjax.ops.gla` (`gk: [B, T, H, K]`) with T split over the mesh axis `axis_name`
+    (LASP-2); arguments and results as the op's, `o` sharded like `q`, the final state
+    replicated over `axis_name`."""
+    return _family(
+        gla_ops.gla,
+        _decay_summary(chunk_size, "gk"),
+        _decay_apply,
+        dict(q=q, k=k, v=v, gk=gk),
+        initial_state,
+        segment_ids,
+        mesh,
+        axis_name,
+        scale=scale,
+        impl=impl,
+        chunk_size=chunk_size,
+    )
+
+
+# ------------------------------------------------------------------------- delta rule
+
+
+def _delta_summary(chunk_size: int) -> Summary:
+    """`(A_p [B, H, K, K], M_p)` of the delta-rule family: the shard's chunk transitions
+    `S <- M_n S + D_n` (`delta_rule.chunk_transition`) composed, `(M2, D2) . (M1, D1) =
+    (M2 M1, M2 D1 + D2)`, from the first chunk's."""
+
+    def summary(inputs, segment_ids):
+        transitions, increments = delta_ops.chunk_transition(
+            inputs["k"],
+            inputs["v"],
+            inputs["beta"],
+            inputs.get("g"),
+            segment_ids=segment_ids,
+            chunk_size=chunk_size,
+        )
+        chunks = (jnp.moveaxis(transitions, 1, 0), jnp.moveaxis(increments, 1, 0))
+
+        def compose(carry, chunk):
+            transition, state = carry
+            m, d = chunk
+            return (m @ transition, m @ state + d), None
+
+        first = tuple(x[0] for x in chunks)
+        rest = tuple(x[1:] for x in chunks)
+        return jax.lax.scan(compose, first, rest)[0]
+
+    return summary
+
+
+def _matrix_apply(transition: jax.Array, state: jax.Array) -> jax.Array:
+    """`A S` for a `[K, K]` transition, `A: [B, H, K, K]`, `S: [B, H, K, V]`."""
+    return transition @ state
+
+
+def sequence_parallel_delta_rule(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    *,
+    scale: float | None = None,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    impl: delta_ops.DeltaImpl = "auto",
+    chunk_size: int = delta_ops.DEFAULT_CHUNK_SIZE,
+    mesh: Mesh,
+    axis_name: str = SEQUENCE,
+) -> tuple[jax.Array, jax.Array]:
+    """`seqjax.ops.delta_rule` with T split over the mesh axis `axis_name` (LASP-2 with
+    `[K, K]` shard transitions); arguments and results as the op's, `o` sharded like `q`,
+    the final state replicated over `axis_name`."""
+    return _family(
+        delta_ops.delta_rule,
+        _delta_summary(chunk_size),
+        _matrix_apply,
+        dict(q=q, k=k, v=v, beta=beta),
+        initial_state,
+        segment_ids,
+        mesh,
+        axis_name,
+        scale=scale,
+        impl=impl,
+        chunk_size=chunk_size,
+    )
+
+
+def sequence_parallel_gated_delta_rule(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    *,
+    scale: float | None = None,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    impl: delta_ops.DeltaImpl = "auto",
+    chunk_size: int = delta_ops.DEFAULT_CHUNK_SIZE,
+    mesh: Mesh,
+    axis_name: str = SEQUENCE,
+) -> tuple[jax.Array, jax.Array]:
+    """`seqjax.ops.gated_delta_rule` (`g: [B, T, H]`) with T split over the mesh axis
+    `axis_name` (LASP-2 with `[K, K]` shard transitions); arguments and results as the
+    op's, `o` sharded like `q`, the final state replicated over `axis_name`."""
+    return _family(
+        delta_ops.gated_delta_rule,
+        _delta_summary(chunk_size),
+        _matrix_apply,
+        dict(q=q, k=k, v=v, g=g, beta=beta),
+        initial_state,
+        segment_ids,
+        mesh,
+        axis_name,
+        scale=scale,
+        impl=impl,
+        chunk_size=chunk_size,
+    )
