@@ -178,6 +178,7 @@ def test_blocks_without_mlp_and_the_sequence_classifier():
         classifier.apply(params, tokens())
 
 
+@pytest.mark.slow
 def test_hgrn_lower_bounds_are_one_model_parameter_through_scanned_groups():
     config = LanguageModelConfig(VOCAB, WIDTH, ("hgrn", "gla") * 2, mixer_options=SMALL)
     model = build(config)

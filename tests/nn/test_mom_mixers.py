@@ -161,6 +161,7 @@ def test_router_renormalizes_over_the_top_k():
     )
 
 
+@pytest.mark.slow
 def test_load_balancing_loss_is_sown():
     mixer = MoM(SMALL)
     params, x = mixer_setup(mixer)

@@ -99,7 +99,7 @@ class TestBidirectionalAttention(OpContract):
     spec = attention_spec(False, None, None, (), step_capacity=0)
 
 
-@pytest.mark.parametrize("impl", ["xla", "blockwise"])
+@pytest.mark.parametrize("impl", ["xla", pytest.param("blockwise", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("window", [1, 40])
 def test_windows_of_one_and_longer_than_the_sequence(impl, window):
     inputs = make_inputs(jax.random.key(0), 2, 23, jnp.float32)

@@ -144,6 +144,7 @@ def test_equals_the_equations(impl, window):
     assert_trees_close(y, jnp.asarray(direct(x, segment_ids, window)), 2e-6, f"{impl} W={window}")
 
 
+@pytest.mark.slow
 def test_continuing_from_a_state_equals_one_call():
     x = make_inputs(jax.random.key(4), 2, 40, jnp.float32)
 
