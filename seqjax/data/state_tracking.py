@@ -21,6 +21,7 @@ lengths count input tokens, while its `min/max_sequence_length` also count the a
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import itertools
@@ -40,7 +41,7 @@ def _last_only(inputs: np.ndarray, answer: int) -> dict:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class _StateTrackingTask:
+class _StateTrackingTask(abc.ABC):
     """The settings every task shares: the input-length range, the seed and the size."""
 
     min_length: int = 3
@@ -67,9 +68,9 @@ class _StateTrackingTask:
         """`T`, uniform in `[min_length, max_length]`."""
         return int(rng.integers(self.min_length, self.max_length + 1))
 
+    @abc.abstractmethod
     def _generate(self, rng: np.random.Generator, length: int) -> dict:
         """One example of `length` input tokens."""
-        raise NotImplementedError
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
