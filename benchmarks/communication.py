@@ -15,7 +15,8 @@ bytes one device receives:
 What the recipes predict: LASP-2 (the linear-attention and delta-rule families, the diagonal
 scans) moves a constant amount, independent of T (P state summaries); Ulysses moves O(T / P)
 per device (four all-to-alls of a shard's q, k, v, o); ring attention runs P - 1 rounds of
-`collective-permute` of a K/V block, O(T / P) each.
+`collective-permute` of a K/V block, O(T / P) each. Each cell also gives the compiled
+program's temporary memory per device: ring attention's custom backward keeps O(T / P).
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ from seqjax.parallel.linear_attention import (
     sequence_parallel_gla,
     sequence_parallel_simple_gla,
 )
+from seqjax.parallel.mesh import SEQUENCE
 from seqjax.parallel.scans import sequence_parallel_linear_recurrence
-from seqjax.parallel.sequence import SEQUENCE
 
 DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "f64": 8, "c64": 8}
 COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "reduce-scatter", "all-reduce")
@@ -127,10 +128,13 @@ def ops(mesh: Mesh) -> dict[str, Callable[[dict], jax.Array]]:
     }
 
 
-def hlo_of(forward: Callable, x: dict, backward: bool) -> str:
-    """The optimized HLO of `forward` (or of its gradient with respect to every input)."""
+def compiled(forward: Callable, x: dict, backward: bool) -> tuple[str, int]:
+    """The optimized HLO of `forward` (or of its gradient with respect to every input) and its
+    temporary memory per device (XLA's buffer assignment: activations kept for the backward
+    pass, score blocks, collective buffers)."""
     fn = jax.grad(lambda x: jnp.sum(forward(x))) if backward else forward
-    return jax.jit(fn).lower(x).compile().as_text()
+    executable = jax.jit(fn).lower(x).compile()
+    return executable.as_text(), executable.memory_analysis().temp_size_in_bytes
 
 
 def main() -> None:
@@ -149,18 +153,18 @@ def main() -> None:
         for backward in (False, True):
             cells = []
             for length in lengths:
-                moved = received_bytes(
-                    hlo_of(fn, inputs(length, args.heads, args.dim), backward), devices
+                hlo, temp = compiled(fn, inputs(length, args.heads, args.dim), backward)
+                moved = received_bytes(hlo, devices)
+                traffic = ", ".join(
+                    f"{op} x{count}: {b / 1024:,.1f} KiB" for op, (count, b) in moved.items()
                 )
-                cells.append(
-                    ", ".join(
-                        f"{op} x{count}: {b / 1024:,.1f} KiB" for op, (count, b) in moved.items()
-                    )
-                    or "none"
-                )
+                cells.append(f"{traffic or 'none'}; temp {temp / 2**20:,.1f} MiB")
             rows.append([name, "fwd+bwd" if backward else "fwd", *cells])
     headers = ["op", "pass", *(f"T = {t}" for t in lengths)]
-    print(f"bytes received per device, P = {devices}, H = {args.heads}, K = V = {args.dim}")
+    print(
+        f"bytes received and temporary memory per device, P = {devices}, H = {args.heads}, "
+        f"K = V = {args.dim}"
+    )
     print(markdown_table(headers, rows))
 
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from contract import assert_trees_close
 
-from seqjax.nn.conv import causal_conv
 from seqjax.ops.attention import softmax_attention
 from seqjax.ops.hgrn import hgrn
 from seqjax.ops.hybrid_attention import sliding_window_hybrid_attention
+from seqjax.ops.short_conv import causal_conv
 from seqjax.segments import cu_seqlens_from_segment_ids, segment_ids_from_cu_seqlens
 
 

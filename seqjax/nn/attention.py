@@ -11,19 +11,16 @@ import jax.numpy as jnp
 
 from seqjax.nn.layers import dense, rotary
 from seqjax.nn.mixer import default_positions, divides, frozen, positive, require
-from seqjax.ops.attention import (
-    ATTENTION_IMPLS,
-    KVCache,
-    init_kv_cache,
-    softmax_attention,
-    softmax_attention_step,
-)
+from seqjax.ops.attention import ATTENTION_IMPLS, KVCache, init_kv_cache, softmax_attention_step
+from seqjax.parallel.dispatch import SEQUENCE_METHODS, softmax_attention
 
 
 @frozen
 class AttentionConfig:
     """`width` (d_model), heads, key/value heads (GQA), `head_dim` (None: width / heads),
-    `window` (None: full causal), RoPE base `rope_base`."""
+    `window` (None: full causal), RoPE base `rope_base`; `sequence_method` is the
+    sequence-parallel form under a mesh with a `sequence` axis (`"ulysses"`, `"ring"`, or
+    `"auto"`: Ulysses when the axis size divides the head counts)."""
 
     width: int
     num_heads: int = 8
@@ -32,6 +29,7 @@ class AttentionConfig:
     window: int | None = None
     rope_base: float = 10000.0
     impl: str = "auto"
+    sequence_method: str = "auto"
 
     def __post_init__(self):
         positive(self, "width", "num_heads")
@@ -45,6 +43,11 @@ class AttentionConfig:
         if self.window is not None:
             positive(self, "window")
         require(self.impl in ATTENTION_IMPLS, "impl", f"expected one of {ATTENTION_IMPLS}")
+        require(
+            self.sequence_method in SEQUENCE_METHODS,
+            "sequence_method",
+            f"expected one of {SEQUENCE_METHODS}",
+        )
 
     @property
     def kv_heads(self) -> int:
@@ -98,7 +101,14 @@ class Attention(nn.Module):
             o = o[:, None]
         else:
             o, kv = softmax_attention(
-                q, k, v, window=c.window, segment_ids=segment_ids, initial_state=kv, impl=c.impl
+                q,
+                k,
+                v,
+                window=c.window,
+                segment_ids=segment_ids,
+                initial_state=kv,
+                impl=c.impl,
+                sequence_method=c.sequence_method,
             )
         y = dense(c.width, ("heads", "kv", "embed"), "o", axis=(-2, -1))(o)
         return y, AttentionCache(kv, positions[:, -1] + 1)

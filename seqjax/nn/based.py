@@ -50,12 +50,7 @@ from seqjax.nn.linearized_attention import following, token_positions
 from seqjax.nn.matrix_state import recur
 from seqjax.nn.mixer import divides, frozen, positive, require
 from seqjax.ops.feature_maps import taylor_exp
-from seqjax.ops.gla import (
-    GLA_IMPLS,
-    LinearAttentionState,
-    linear_attention,
-    linear_attention_step,
-)
+from seqjax.ops.gla import GLA_IMPLS, LinearAttentionState, linear_attention_step
 from seqjax.ops.hybrid_attention import (
     HYBRID_IMPLS,
     HybridAttentionState,
@@ -64,6 +59,7 @@ from seqjax.ops.hybrid_attention import (
     sliding_window_hybrid_attention_step,
 )
 from seqjax.ops.prefix_linear_attention import prefix_linear_attention
+from seqjax.parallel.dispatch import linear_attention
 
 
 class TaylorShape:

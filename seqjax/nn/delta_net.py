@@ -26,7 +26,8 @@ from seqjax.nn.matrix_state import (
     recur,
 )
 from seqjax.nn.mixer import expanded_width, frozen, positive, require
-from seqjax.ops.delta_rule import DELTA_IMPLS, delta_rule, delta_rule_step
+from seqjax.ops.delta_rule import DELTA_IMPLS, delta_rule_step
+from seqjax.parallel.dispatch import delta_rule
 
 
 @frozen

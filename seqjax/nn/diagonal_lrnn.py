@@ -22,7 +22,8 @@ import jax.numpy as jnp
 
 from seqjax.nn.layers import Initializer
 from seqjax.nn.mixer import frozen, positive, require
-from seqjax.scan import SCAN_IMPLS, linear_recurrence
+from seqjax.parallel.dispatch import linear_recurrence
+from seqjax.scan import SCAN_IMPLS
 
 
 @frozen

@@ -29,7 +29,8 @@ from seqjax.nn.matrix_state import (
     recur,
 )
 from seqjax.nn.mixer import frozen, positive, require
-from seqjax.ops.delta_rule import DELTA_IMPLS, gated_delta_rule, gated_delta_rule_step
+from seqjax.ops.delta_rule import DELTA_IMPLS, gated_delta_rule_step
+from seqjax.parallel.dispatch import gated_delta_rule
 
 DT_MIN, DT_MAX, DT_FLOOR = 0.001, 0.1, 1e-4
 

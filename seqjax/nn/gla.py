@@ -24,7 +24,8 @@ from seqjax.nn.matrix_state import (
     recur,
 )
 from seqjax.nn.mixer import divides, expanded_width, frozen, positive, require
-from seqjax.ops.gla import GLA_IMPLS, gla, gla_step
+from seqjax.ops.gla import GLA_IMPLS, gla_step
+from seqjax.parallel.dispatch import gla
 
 
 @frozen

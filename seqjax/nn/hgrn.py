@@ -22,11 +22,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from seqjax.nn.conv import ShortConvolution, init_conv_cache
+from seqjax.nn.conv import ShortConvolution
 from seqjax.nn.layers import GatedRMSNorm, dense
 from seqjax.nn.mixer import frozen, positive, require
 from seqjax.ops.common import SCAN_OP_IMPLS
-from seqjax.ops.hgrn import hgrn, hgrn_step
+from seqjax.ops.hgrn import hgrn_step
+from seqjax.ops.short_conv import init_conv_cache
+from seqjax.parallel.dispatch import hgrn
 
 # Keeps `log gamma` finite where the bound is 0 (the first layer), so its gradient is too.
 SMALLEST_BOUND = float(jnp.finfo(jnp.float32).tiny)

@@ -19,12 +19,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from seqjax.nn.conv import ConvolvedProjection, init_conv_cache
+from seqjax.nn.conv import ConvolvedProjection
 from seqjax.nn.hgrn import log_forget_gate
 from seqjax.nn.layers import RMSNorm, dense
 from seqjax.nn.matrix_state import MatrixStateCache, recur
 from seqjax.nn.mixer import frozen, positive, require
-from seqjax.ops.gla import GLA_IMPLS, gla, gla_step
+from seqjax.ops.gla import GLA_IMPLS, gla_step
+from seqjax.ops.short_conv import init_conv_cache
+from seqjax.parallel.dispatch import gla
 
 
 @frozen

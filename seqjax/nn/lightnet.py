@@ -33,7 +33,8 @@ from seqjax.nn.matrix_state import (
 )
 from seqjax.nn.mixer import frozen, positive, require
 from seqjax.ops.common import token_starts
-from seqjax.ops.gla import GLA_IMPLS, gla, gla_step
+from seqjax.ops.gla import GLA_IMPLS, gla_step
+from seqjax.parallel.dispatch import gla
 
 
 @frozen

@@ -53,20 +53,8 @@ from seqjax.nn.feature_map import HedgehogFeatureMap
 from seqjax.nn.layers import dense, rotary
 from seqjax.nn.matrix_state import recur
 from seqjax.nn.mixer import default_positions, divides, frozen, positive, require
-from seqjax.ops.attention import (
-    KVCache,
-    init_kv_cache,
-    softmax_attention,
-    softmax_attention_step,
-)
-from seqjax.ops.gla import (
-    GLA_IMPLS,
-    LinearAttentionState,
-    gla,
-    gla_step,
-    linear_attention,
-    linear_attention_step,
-)
+from seqjax.ops.attention import KVCache, init_kv_cache, softmax_attention_step
+from seqjax.ops.gla import GLA_IMPLS, LinearAttentionState, gla_step, linear_attention_step
 from seqjax.ops.hybrid_attention import (
     HYBRID_IMPLS,
     HybridAttentionState,
@@ -74,6 +62,7 @@ from seqjax.ops.hybrid_attention import (
     sliding_window_hybrid_attention,
     sliding_window_hybrid_attention_step,
 )
+from seqjax.parallel.dispatch import gla, linear_attention, softmax_attention
 
 # LoLCATs' `init_window_factor`: sigmoid(-2.197) = 0.1.
 LOLCATS_WINDOW_FACTOR_INIT = -2.1972245773362196

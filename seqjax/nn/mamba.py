@@ -32,10 +32,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from seqjax.nn.conv import ShortConvolution, init_conv_cache
+from seqjax.nn.conv import ShortConvolution
 from seqjax.nn.layers import Initializer, dense
 from seqjax.nn.mixer import frozen, positive, require
-from seqjax.ops.selective_scan import SELECTIVE_SCAN_IMPLS, selective_scan, selective_scan_step
+from seqjax.ops.selective_scan import SELECTIVE_SCAN_IMPLS, selective_scan_step
+from seqjax.ops.short_conv import init_conv_cache
+from seqjax.parallel.dispatch import selective_scan
 
 
 def require_step_range(config) -> None:

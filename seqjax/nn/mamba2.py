@@ -48,12 +48,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from seqjax.nn.conv import ShortConvolution, init_conv_cache
+from seqjax.nn.conv import ShortConvolution
 from seqjax.nn.layers import GatedRMSNorm, Initializer, dense
 from seqjax.nn.mamba import require_step_range, step_bias_init
 from seqjax.nn.mixer import divides, frozen, positive, require
 from seqjax.ops.common import reset, scan_tokens_chunked
-from seqjax.ops.ssd import SSD_IMPLS, ssd, ssd_step
+from seqjax.ops.short_conv import init_conv_cache
+from seqjax.ops.ssd import SSD_IMPLS, ssd_step
+from seqjax.parallel.dispatch import ssd
 
 
 @frozen

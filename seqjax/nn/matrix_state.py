@@ -9,7 +9,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from seqjax.nn.conv import ConvolvedProjection, init_conv_cache
+from seqjax.nn.conv import ConvolvedProjection
+from seqjax.ops.short_conv import init_conv_cache
 
 
 class MatrixStateCache(NamedTuple):

@@ -26,11 +26,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from seqjax.nn.conv import ShortConvolution, init_conv_cache
+from seqjax.nn.conv import ShortConvolution
 from seqjax.nn.layers import Initializer, dense
 from seqjax.nn.matrix_state import recur
 from seqjax.nn.mixer import frozen, positive, require
 from seqjax.ops.mlstm import MLSTM_IMPLS, MLSTMState, mlstm, mlstm_step
+from seqjax.ops.short_conv import init_conv_cache
 
 
 def small_init(width: int) -> Initializer:

@@ -59,7 +59,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from seqjax.nn.conv import causal_conv
 from seqjax.nn.gated_delta_net import a_log_init, dt_bias_init
 from seqjax.nn.layers import GatedRMSNorm, RMSNorm, dense, l2_normalize
 from seqjax.nn.mixer import frozen, positive, require
@@ -71,6 +70,7 @@ from seqjax.ops.delta_rule import (
     gated_delta_rule_step,
 )
 from seqjax.ops.gla import gla, gla_step, linear_attention, linear_attention_step
+from seqjax.ops.short_conv import causal_conv
 from seqjax.scan import segment_index
 
 MEMORIES: tuple[str, ...] = ("gated_delta", "delta", "linear", "gla")

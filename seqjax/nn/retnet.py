@@ -21,11 +21,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from seqjax.nn.conv import ConvolvedProjection, init_conv_cache
+from seqjax.nn.conv import ConvolvedProjection
 from seqjax.nn.layers import GatedRMSNorm, RMSNorm, dense, rotary
 from seqjax.nn.matrix_state import MatrixStateCache, recur
 from seqjax.nn.mixer import default_positions, divides, expanded_width, frozen, positive, require
-from seqjax.ops.gla import GLA_IMPLS, retention_log_decays, simple_gla, simple_gla_step
+from seqjax.ops.gla import GLA_IMPLS, retention_log_decays, simple_gla_step
+from seqjax.ops.short_conv import init_conv_cache
+from seqjax.parallel.dispatch import simple_gla
 
 
 @frozen

@@ -29,11 +29,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from seqjax.nn.conv import causal_conv, init_conv_cache
 from seqjax.nn.layers import Initializer, dense
 from seqjax.nn.mixer import frozen, positive, require
 from seqjax.ops.common import SCAN_OP_IMPLS
-from seqjax.ops.rg_lru import rg_lru, rg_lru_step
+from seqjax.ops.rg_lru import rg_lru_step
+from seqjax.ops.short_conv import init_conv_cache
+from seqjax.parallel.dispatch import causal_conv, rg_lru
 
 HEAD_DIM = 128  # Griffin's fixed head dimension: the default number of gate blocks
 

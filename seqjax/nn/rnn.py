@@ -36,7 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from seqjax.nn.conv import ShortConvolution, init_conv_cache
+from seqjax.nn.conv import ShortConvolution
 from seqjax.nn.layers import Initializer, dense
 from seqjax.nn.mixer import divides, frozen, positive, require
 from seqjax.nn.mlstm import HeadwiseDense, MultiHeadLayerNorm, small_init
@@ -55,6 +55,7 @@ from seqjax.ops.rnn_cells import (
     slstm,
     slstm_step,
 )
+from seqjax.ops.short_conv import init_conv_cache
 
 
 class RNNCache(NamedTuple):

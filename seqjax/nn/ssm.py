@@ -58,7 +58,7 @@ from jax import lax
 from seqjax.nn.layers import Initializer, dense
 from seqjax.nn.mixer import divides, frozen, positive, require
 from seqjax.ops.common import SCAN_OP_IMPLS, reset, scan_tokens
-from seqjax.ops.lru import lru, lru_step
+from seqjax.ops.lru import lru_step
 from seqjax.ops.s4 import (
     DISCRETIZATIONS,
     S4D_IMPLS,
@@ -71,6 +71,7 @@ from seqjax.ops.s4 import (
     s5_step,
     ssm_convolution,
 )
+from seqjax.parallel.dispatch import lru
 
 S4D_INITS = ("lin", "inv")
 S5_ACTIVATIONS = ("gelu", "full_glu", "half_glu1", "half_glu2")

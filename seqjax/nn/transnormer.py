@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from seqjax.nn.layers import LowRankProjection, dense, rms_normalize
 from seqjax.nn.matrix_state import MatrixStateCache, recur
 from seqjax.nn.mixer import divides, frozen, positive, require
-from seqjax.ops.gla import GLA_IMPLS, lightning_log_decays, simple_gla, simple_gla_step
+from seqjax.ops.gla import GLA_IMPLS, lightning_log_decays, simple_gla_step
+from seqjax.parallel.dispatch import simple_gla
 
 
 @frozen

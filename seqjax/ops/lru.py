@@ -73,7 +73,7 @@ def lru(
     if impl == "reference":
         return _lru_reference(x, nu_log, theta_log, B, C, D, gamma_log, initial_state, segment_ids)
 
-    lam, gamma = _lambda_and_gamma(nu_log, theta_log, gamma_log, x.dtype)
+    lam, gamma = lambda_and_gamma(nu_log, theta_log, gamma_log, x.dtype)
     u = gamma * jnp.einsum("bth,nh->btn", x.astype(lam.dtype), B.astype(lam.dtype))
     h, final = linear_recurrence(
         lam,
@@ -97,14 +97,19 @@ def lru_step(
     state: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array]:
     """One token: `x_t: [B, H]`, `state: [B, N]` complex or None -> `(y_t [B, H], new_state)`."""
-    lam, gamma = _lambda_and_gamma(nu_log, theta_log, gamma_log, x_t.dtype)
+    lam, gamma = lambda_and_gamma(nu_log, theta_log, gamma_log, x_t.dtype)
     if state is None:
         state = jnp.zeros((x_t.shape[0], lam.shape[0]), lam.dtype)
     state = lam * state + gamma * (x_t.astype(lam.dtype) @ B.astype(lam.dtype).T)
     return _readout(state, x_t, C, D), state
 
 
-def _lambda_and_gamma(nu_log, theta_log, gamma_log, x_dtype):
+def lambda_and_gamma(
+    nu_log: jax.Array, theta_log: jax.Array, gamma_log: jax.Array | None, x_dtype
+) -> tuple[jax.Array, jax.Array]:
+    """The complex decays `lambda = exp(-exp(nu_log) + i exp(theta_log))` `[N]` and the input
+    normalization `gamma` (`sqrt(1 - |lambda|^2)` without `gamma_log`), in the accumulation
+    dtype."""
     real = accumulation_dtype(x_dtype, nu_log.dtype, theta_log.dtype)
     lam = jnp.exp(jax.lax.complex(-jnp.exp(nu_log.astype(real)), jnp.exp(theta_log.astype(real))))
     if gamma_log is None:
@@ -123,7 +128,7 @@ def _readout(h, x, C, D):
 
 
 def _lru_reference(x, nu_log, theta_log, B, C, D, gamma_log, initial_state, segment_ids):
-    lam, gamma = _lambda_and_gamma(nu_log, theta_log, gamma_log, x.dtype)
+    lam, gamma = lambda_and_gamma(nu_log, theta_log, gamma_log, x.dtype)
     B = B.astype(lam.dtype)
     h0 = jnp.zeros((x.shape[0], lam.shape[0]), lam.dtype)
     if initial_state is not None:

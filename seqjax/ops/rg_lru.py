@@ -86,7 +86,7 @@ def rg_lru(
     starts = token_starts(segment_ids, batch, length)
     if initial_state is None:
         starts = starts.at[:, 0].set(True)
-    a, normalized_x = _decay_and_input(x, gate_x, gate_a, a_param, starts[..., None], c)
+    a, normalized_x = decay_and_input(x, gate_x, gate_a, a_param, starts[..., None], c)
     h, final = linear_recurrence(
         a,
         normalized_x,
@@ -109,14 +109,21 @@ def rg_lru_step(
 ) -> tuple[jax.Array, jax.Array]:
     """One token: `x_t, gate_x_t, gate_a_t: [B, D]`; `state: [B, D]`, None opens a segment."""
     start = jnp.full(x_t.shape, state is None)
-    a, normalized_x = _decay_and_input(x_t, gate_x_t, gate_a_t, a_param, start, c)
+    a, normalized_x = decay_and_input(x_t, gate_x_t, gate_a_t, a_param, start, c)
     if state is None:
         state = jnp.zeros(x_t.shape, a.dtype)
     state = a * state + normalized_x
     return state.astype(x_t.dtype), state
 
 
-def _decay_and_input(x, gate_x, gate_a, a_param, start, c):
+def decay_and_input(
+    x: jax.Array,
+    gate_x: jax.Array,
+    gate_a: jax.Array,
+    a_param: jax.Array,
+    start: jax.Array,
+    c: float,
+) -> tuple[jax.Array, jax.Array]:
     """`a_t` and `sqrt(1 - a_t^2) i_t x_t` (multiplier 1 where `start`), in float32."""
     acc = accumulation_dtype(x.dtype, gate_x.dtype, gate_a.dtype, a_param.dtype)
     log_a = -c * jax.nn.sigmoid(gate_a.astype(acc)) * jax.nn.softplus(a_param.astype(acc))

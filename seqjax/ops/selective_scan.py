@@ -149,14 +149,14 @@ def selective_scan_step(
 # ----------------------------------------------------------------------------- the equations
 
 
-def _delta(dt, dt_bias, dt_softplus):
+def discretized_step(dt: jax.Array, dt_bias: jax.Array | None, dt_softplus: bool) -> jax.Array:
     """`delta = softplus(dt + dt_bias)`, `[..., D]`."""
     if dt_bias is not None:
         dt = dt + dt_bias
     return jax.nn.softplus(dt) if dt_softplus else dt
 
 
-def _decay(delta, A, allow_neg_eigval):
+def discretized_decay(delta: jax.Array, A: jax.Array, allow_neg_eigval: bool) -> jax.Array:
     """`exp(delta A)`, or `2 exp(delta A) - 1`: `[..., D]`, `[D, N]` -> `[..., D, N]`."""
     decay = jnp.exp(delta[..., None] * A)
     return 2 * decay - 1 if allow_neg_eigval else decay
@@ -188,8 +188,8 @@ def _skip_and_gate(y, x, D, z):
 
 def _advance(h, x, dt, A, B, C, D, z, dt_bias, *, dt_softplus, allow_neg_eigval):
     """One token: `(y_t, h_t)` from `h_{t-1}: [B, D, N]` and the token's inputs."""
-    delta = _delta(dt, dt_bias, dt_softplus)
-    h = _decay(delta, A, allow_neg_eigval) * h + _state_input(delta, x, B)
+    delta = discretized_step(dt, dt_bias, dt_softplus)
+    h = discretized_decay(delta, A, allow_neg_eigval) * h + _state_input(delta, x, B)
     return _skip_and_gate(_readout(h, C), x, D, z), h
 
 
@@ -243,7 +243,7 @@ def _selective_scan_chunked(
     Each step advances the state and contracts it with `C_t` at once, so no `[B, T, D, N]`
     array exists; the backward pass keeps only the states entering the chunks.
     """
-    delta = _delta(dt, dt_bias, dt_softplus)
+    delta = discretized_step(dt, dt_bias, dt_softplus)
 
     def step(h, inputs):
         start, (x_t, delta_t, B_t, C_t) = inputs

@@ -67,7 +67,7 @@ def ssd(
       for float64 inputs).
     """
     _validate(dict(x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias, initial_state=initial_state))
-    q, k, v, g, acc = _as_gla(x, dt, A, B, C, dt_bias, dt_softplus)
+    q, k, v, g, acc = as_simple_gla(x, dt, A, B, C, dt_bias, dt_softplus)
     y, final = gla.simple_gla(
         q,
         k,
@@ -79,7 +79,7 @@ def ssd(
         impl=impl,
         chunk_size=chunk_size,
     )
-    return _skip(y, x, D, acc).astype(x.dtype), final
+    return add_skip(y, x, D, acc).astype(x.dtype), final
 
 
 def ssd_step(
@@ -98,11 +98,11 @@ def ssd_step(
     `B_t, C_t: [B, G, N]`, `state: [B, H, N, P]` or None (zeros)
     -> `(y_t [B, H, P], new_state [B, H, N, P])`."""
     _validate(dict(x_t=x_t, dt_t=dt_t, A=A, B_t=B_t, C_t=C_t, D=D, dt_bias=dt_bias, state=state))
-    q_t, k_t, v_t, g_t, acc = _as_gla(x_t, dt_t, A, B_t, C_t, dt_bias, dt_softplus)
+    q_t, k_t, v_t, g_t, acc = as_simple_gla(x_t, dt_t, A, B_t, C_t, dt_bias, dt_softplus)
     if state is None:
         state = jnp.zeros((*k_t.shape, x_t.shape[-1]), acc)
     y_t, state = gla.simple_gla_step(q_t, k_t, v_t, g_t, state, scale=1.0)
-    return _skip(y_t, x_t, D, acc).astype(x_t.dtype), state
+    return add_skip(y_t, x_t, D, acc).astype(x_t.dtype), state
 
 
 def ssd_chunk_states(
@@ -123,7 +123,7 @@ def ssd_chunk_states(
     `C` and `D` do not enter the state, so they are not arguments.
     """
     _validate(dict(x=x, dt=dt, A=A, B=B, dt_bias=dt_bias, initial_state=initial_state))
-    _, k, v, g, _ = _as_gla(x, dt, A, B, None, dt_bias, dt_softplus)
+    _, k, v, g, _ = as_simple_gla(x, dt, A, B, None, dt_bias, dt_softplus)
     return gla.chunk_states(
         k, v, g, initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size
     )
@@ -132,7 +132,15 @@ def ssd_chunk_states(
 # ----------------------------------------------------------------------------- the mapping
 
 
-def _as_gla(x, dt, A, B, C, dt_bias, dt_softplus):
+def as_simple_gla(
+    x: jax.Array,
+    dt: jax.Array,
+    A: jax.Array,
+    B: jax.Array,
+    C: jax.Array | None,
+    dt_bias: jax.Array | None,
+    dt_softplus: bool,
+) -> tuple[jax.Array | None, jax.Array, jax.Array, jax.Array, jnp.dtype]:
     """`(q, k, v, g, acc)` of the equivalent `simple_gla`: `q = C` and `k = B` repeated to the
     heads of their groups, `v = dt x`, `g = dt A`; step sizes, decays and `v` in `acc`, the
     accumulation dtype. Works with and without the time axis (`[B, (T,) H, ...]`)."""
@@ -151,7 +159,7 @@ def _as_gla(x, dt, A, B, C, dt_bias, dt_softplus):
     return q, k, x.astype(acc) * dt[..., None], dt * A.astype(acc), acc
 
 
-def _skip(y, x, D, acc):
+def add_skip(y: jax.Array, x: jax.Array, D: jax.Array | None, acc: jnp.dtype) -> jax.Array:
     """`y + D_h x` in `acc` (just `y` when `D` is None)."""
     y = y.astype(acc)
     return y if D is None else y + D.astype(acc)[:, None] * x.astype(acc)

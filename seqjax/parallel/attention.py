@@ -25,21 +25,22 @@ every input once with `zigzag_order` (and restores outputs with `zigzag_restore`
 only for models whose layers are all attention: hybrids must keep contiguous shards, because
 their recurrent layers need the tokens in their natural order.
 
-Memory: ring attention materializes one `[T/P, T/P]` score block per head at a time (per zig-zag
-chunk pair when zig-zagged). Gradients come from autodiff through the ring, whose backward pass
-keeps every step's key/value block: O(T (K + V)) activations per device, not O(T / P).
+Memory: ring attention visits a key block in tiles of at most `KEY_TILE` keys, so its score
+blocks are `[T/P, tile]` per head. Its backward pass (a custom VJP) goes around the ring a second
+time, recomputing the score blocks from the shard's own `q, k, v, o` and softmax normalizers,
+with each key block's gradient accumulators `dk, dv` travelling beside it: O(T / P) memory per
+device in both passes, and `P - 1` rounds (plus one to bring `dk, dv` home) in each.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from seqjax import checks
 from seqjax.ops.attention import (
@@ -51,8 +52,8 @@ from seqjax.ops.attention import (
     softmax_attention,
     visible,
 )
-from seqjax.parallel.mesh import BATCH_AXES
-from seqjax.parallel.sequence import SEQUENCE, shard_index
+from seqjax.parallel.mesh import SEQUENCE
+from seqjax.parallel.sequence import sequence_specs, shard_index, varying_like
 from seqjax.scan import online_softmax, segment_index
 from seqjax.scan.linear_recurrence import accumulation_dtype
 
@@ -130,12 +131,6 @@ def _validate(q, k, v, mesh, axis_name, method, zigzag, segment_ids, op_argument
                 )
 
 
-def _batch_spec(mesh: Mesh, axis_name: str) -> tuple[str, ...] | None:
-    """The mesh axes the batch is split over: those of `BATCH_AXES` the mesh has."""
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and a != axis_name)
-    return axes or None
-
-
 # ----------------------------------------------------------------------------- Ulysses
 
 
@@ -171,24 +166,88 @@ def _positions(device: jax.Array, length: int, axis_size: int, zigzag: bool) -> 
     return [device * size + chunk, (2 * axis_size - 1 - device) * size + chunk]
 
 
+KEY_TILE = 512
+
+
+def _key_tiles(k, v, mask):
+    """A key chunk cut into tiles of at most `KEY_TILE` tokens (the largest divisor of its
+    length that fits), stacked on a new leading axis: `k: [n, B, tile, Hkv, K]`, `v`
+    likewise, `mask: [n, B, Tq, tile]`. The score blocks are then `[Tq, tile]` per head,
+    linear in the shard's length rather than quadratic."""
+    length = k.shape[1]
+    tile = max(d for d in range(1, min(length, KEY_TILE) + 1) if length % d == 0)
+
+    def stack(x, axis):
+        x = x.reshape(*x.shape[:axis], length // tile, tile, *x.shape[axis + 1 :])
+        return jnp.moveaxis(x, axis, 0)
+
+    return stack(k, 1), stack(v, 1), stack(mask, 2)
+
+
 def _block_partial(q, k, v, mask, *, scale) -> online_softmax.SoftmaxPartial:
     """Softmax partial of queries `q: [B, Tq, Hkv, G, K]` over keys `k: [B, Tk, Hkv, K]`,
-    `v: [B, Tk, Hkv, V]`, where `mask: [B, Tq, Tk]` lets them; `[B, Tq, Hkv, G]` leading."""
+    `v: [B, Tk, Hkv, V]`, where `mask: [B, Tq, Tk]` lets them; `[B, Tq, Hkv, G]` leading.
+    The keys are visited tile by tile (`_key_tiles`), merged by the online-softmax combine."""
     acc = accumulation_dtype(q.dtype)
-    s = jnp.einsum("btngk,bsnk->btngs", q, k, preferred_element_type=acc) * scale
-    s = jnp.where(mask[:, :, None, None], s, -jnp.inf)
-    m = jnp.max(s, axis=-1)
-    p = jnp.exp(s - jnp.where(jnp.isneginf(m), 0.0, m)[..., None])
-    w = jnp.einsum("btngs,bsnv->btngv", p, v.astype(acc))
-    return online_softmax.SoftmaxPartial(m, jnp.sum(p, axis=-1), w)
+
+    def visit_tile(partial, tile):
+        k, v, mask = tile
+        s = jnp.einsum("btngk,bsnk->btngs", q, k, preferred_element_type=acc) * scale
+        s = jnp.where(mask[:, :, None, None], s, -jnp.inf)
+        m = jnp.max(s, axis=-1)
+        p = jnp.exp(s - jnp.where(jnp.isneginf(m), 0.0, m)[..., None])
+        w = jnp.einsum("btngs,bsnv->btngv", p, v.astype(acc))
+        tile_partial = online_softmax.SoftmaxPartial(m, jnp.sum(p, axis=-1), w)
+        return online_softmax.combine(partial, tile_partial), None
+
+    empty = online_softmax.empty_partial(q.shape[:-1], v.shape[-1], acc)
+    partial = varying_like((q, k, v, mask), empty)
+    return jax.lax.scan(visit_tile, partial, _key_tiles(k, v, mask))[0]
+
+
+def _block_grads(q, do, lse, delta, k, v, mask, *, scale):
+    """The gradients `(dq, dk, dv)` of one query chunk's attention over one key chunk (the
+    flash-attention backward, tile by tile over the keys): `p = exp(s - lse)` on the visible
+    scores, `dv = p^T do`, `ds = p (do v^T - delta)`, `dq = ds k scale`, `dk = ds^T q scale`;
+    `q, do: [B, Tq, Hkv, G, *]`, `lse, delta: [B, Tq, Hkv, G]`, `mask: [B, Tq, Tk]`."""
+    acc = accumulation_dtype(q.dtype)
+    do = do.astype(acc)
+
+    def visit_tile(dq, tile):
+        k, v, mask = tile
+        s = jnp.einsum("btngk,bsnk->btngs", q, k, preferred_element_type=acc) * scale
+        p = jnp.where(mask[:, :, None, None], jnp.exp(s - lse[..., None]), 0.0)
+        dv = jnp.einsum("btngs,btngv->bsnv", p, do)
+        ds = p * (jnp.einsum("btngv,bsnv->btngs", do, v.astype(acc)) - delta[..., None])
+        dq = dq + jnp.einsum("btngs,bsnk->btngk", ds, k.astype(acc)) * scale
+        dk = jnp.einsum("btngs,btngk->bsnk", ds, q.astype(acc)) * scale
+        return dq, (dk, dv)
+
+    dq = varying_like((q, do, lse, delta, k, v, mask), jnp.zeros(q.shape, acc))
+    dq, (dk, dv) = jax.lax.scan(visit_tile, dq, _key_tiles(k, v, mask))
+
+    def unstack(x):
+        return jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, *x.shape[3:])
+
+    return dq, unstack(dk), unstack(dv)
 
 
 def _skipped_partial(q, k, v, mask) -> online_softmax.SoftmaxPartial:
-    """The empty partial `(-inf, 0, 0)` of a block no query sees, typed (shard_map's varying
-    axes) like `_block_partial`'s."""
-    axes = set().union(*(jax.typeof(x).manual_axis_type.varying for x in (q, k, v, mask)))
+    """The empty partial `(-inf, 0, 0)` of a block no query sees, typed like
+    `_block_partial`'s."""
     empty = online_softmax.empty_partial(q.shape[:-1], v.shape[-1], accumulation_dtype(q.dtype))
-    return jax.tree.map(lambda x: jax.lax.pcast(x, tuple(axes), to="varying"), empty)
+    return varying_like((q, k, v, mask), empty)
+
+
+def _skipped_grads(q, do, lse, delta, k, v, mask):
+    """Zero gradients of a block no query sees, typed like `_block_grads`'."""
+    acc = accumulation_dtype(q.dtype)
+    zeros = (
+        jnp.zeros(q.shape, acc),
+        jnp.zeros(k.shape, acc),
+        jnp.zeros(v.shape, acc),
+    )
+    return varying_like((q, do, lse, delta, k, v, mask), zeros)
 
 
 def _ring_steps(axis_size: int, length: int, causal: bool, window: int | None, zigzag: bool):
@@ -199,67 +258,174 @@ def _ring_steps(axis_size: int, length: int, causal: bool, window: int | None, z
     return min(axis_size, 1 + -(-(window - 1) // length))
 
 
-def _ring_shard(q, k, v, segments, *, axis_name, axis_size, zigzag, causal, window, scale):
-    """Each device's queries against every key block, the blocks passed around the ring.
+class Ring(NamedTuple):
+    """The static settings of a ring-attention shard."""
 
-    Queries and keys are cut into their chunks (one, or two zig-zag chunks); every query
-    chunk keeps a running softmax partial `[B, Tq, Hkv, G]` and merges each key chunk's."""
+    axis_name: str
+    axis_size: int
+    zigzag: bool
+    causal: bool
+    window: int | None
+    scale: float
+
+    @property
+    def pieces(self) -> int:
+        """Chunks per shard: two zig-zag chunks, or one."""
+        return 2 if self.zigzag else 1
+
+    def split(self, x: jax.Array) -> list[jax.Array]:
+        return jnp.split(x, self.pieces, axis=1)
+
+    def mask(self, query_chunk, key_chunk) -> jax.Array:
+        """`[B, Tq, Tk]`: which keys of a chunk `(segments, positions)` the queries of a
+        chunk `(segments, positions)` see."""
+        (q_segments, q_positions), (k_segments, k_positions) = query_chunk, key_chunk
+        vis = Visibility(
+            jnp.broadcast_to(q_positions, q_segments.shape),
+            q_segments,
+            jnp.broadcast_to(k_positions, k_segments.shape),
+            k_segments,
+        )
+        return visible(vis, self.causal, self.window)
+
+    def walk(self, visit, carry, block):
+        """Runs `visit(carry, block, step) -> (carry, block)` on this device's own key block
+        (step 0), then on each block arriving from the previous device (`ppermute`), for as
+        many steps as the mask can reach; returns the final carry and block."""
+        length = block[0].shape[1]
+        steps = _ring_steps(self.axis_size, length, self.causal, self.window, self.zigzag)
+        ring = [(i, (i + 1) % self.axis_size) for i in range(self.axis_size)]
+
+        def rotate_and_visit(state, step):
+            carry, block = state
+            return visit(carry, jax.lax.ppermute(block, self.axis_name, ring), step), None
+
+        state = visit(carry, block, 0)
+        (carry, block), _ = jax.lax.scan(rotate_and_visit, state, jnp.arange(1, steps))
+        return carry, block, steps
+
+    def key_positions(self, step, length: int) -> list[jax.Array]:
+        """Global positions of the chunks of the key block visited at `step` (it left device
+        `device - step`)."""
+        source = (shard_index(self.axis_name) - step) % self.axis_size
+        return _positions(source, length, self.axis_size, self.zigzag)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _ring_attention(q, k, v, segments, ring: Ring):
+    """One shard's ring attention `o: [B, T/P, H, V]`. Its custom VJP recomputes the score
+    blocks in a second trip around the ring, so that only this shard's `q, k, v, o` and its
+    softmax normalizers are kept: O(T / P) memory per device, as the forward pass."""
+    return _ring_forward(q, k, v, segments, ring)[0]
+
+
+def _grouped(x: jax.Array, kv_heads: int) -> jax.Array:
+    """`[B, T, H, *] -> [B, T, Hkv, G, *]`: the query heads of each key head together."""
+    batch, length, heads = x.shape[:3]
+    return x.reshape(batch, length, kv_heads, heads // kv_heads, *x.shape[3:])
+
+
+def _ring_forward(q, k, v, segments, ring: Ring):
+    """`(o [B, T/P, H, V], lse [B, T/P, Hkv, G] float32)`: each query chunk keeps a running
+    softmax partial and merges each key chunk's as the blocks pass around the ring."""
     batch, length, heads, _ = q.shape
-    pieces = 2 if zigzag else 1
-    device = shard_index(axis_name)
-    grouped = q.reshape(batch, length, k.shape[2], heads // k.shape[2], q.shape[3])
+    device = shard_index(ring.axis_name)
+    query_positions = _positions(device, length, ring.axis_size, ring.zigzag)
     queries = list(
         zip(
-            jnp.split(grouped, pieces, axis=1),
-            jnp.split(segments, pieces, axis=1),
-            _positions(device, length, axis_size, zigzag),
+            ring.split(_grouped(q, k.shape[2])),
+            zip(ring.split(segments), query_positions, strict=True),
             strict=True,
         )
     )
-    ring = [(i, (i + 1) % axis_size) for i in range(axis_size)]
+    compute = functools.partial(_block_partial, scale=ring.scale)
 
-    def visit_block(partials, block, step):
-        """Merges the key block that left device `device - step` into every query chunk."""
-        keys = zip(
-            *(jnp.split(x, pieces, axis=1) for x in block),
-            _positions((device - step) % axis_size, length, axis_size, zigzag),
-            strict=True,
-        )
-        for key_chunk in keys:
-            for i, query_chunk in enumerate(queries):
-                visit = _visit(query_chunk, key_chunk, causal, window, scale)
+    def visit(partials, block, step):
+        keys = zip(*(ring.split(x) for x in block), ring.key_positions(step, length), strict=True)
+        for k_chunk, v_chunk, k_segments, k_positions in keys:
+            for i, (q_chunk, query_mask) in enumerate(queries):
+                mask = ring.mask(query_mask, (k_segments, k_positions))
+                args = (q_chunk, k_chunk, v_chunk, mask)
+                partial = jax.lax.cond(jnp.any(mask), compute, _skipped_partial, *args)
                 partials[i] = (
-                    visit if partials[i] is None else online_softmax.combine(partials[i], visit)
+                    partial if partials[i] is None else online_softmax.combine(partials[i], partial)
                 )
-        return partials
+        return partials, block
 
-    def rotate_and_visit(carry, step):
-        partials, block = carry
-        block = jax.lax.ppermute(block, axis_name, ring)
-        return (visit_block(partials, block, step), block), None
-
-    block = (k, v, segments)
-    partials = visit_block([None] * pieces, block, 0)
-    steps = _ring_steps(axis_size, length, causal, window, zigzag)
-    (partials, _), _ = jax.lax.scan(rotate_and_visit, (partials, block), jnp.arange(1, steps))
+    partials, _, _ = ring.walk(visit, [None] * ring.pieces, (k, v, segments))
     o = jnp.concatenate([online_softmax.normalize(p) for p in partials], axis=1)
-    return o.reshape(batch, length, heads, v.shape[3]).astype(v.dtype)
+    # Every query sees at least itself, so the denominators are positive.
+    lse = jnp.concatenate([p.max + jnp.log(p.denominator) for p in partials], axis=1)
+    return o.reshape(batch, length, heads, v.shape[3]).astype(v.dtype), lse
 
 
-def _visit(query_chunk, key_chunk, causal, window, scale) -> online_softmax.SoftmaxPartial:
-    """The partial of one query chunk `(q, segments, positions)` over one key chunk
-    `(k, v, segments, positions)`; not computed when the mask hides the whole chunk."""
-    q, q_segments, q_positions = query_chunk
-    k, v, k_segments, k_positions = key_chunk
-    vis = Visibility(
-        jnp.broadcast_to(q_positions, q_segments.shape),
-        q_segments,
-        jnp.broadcast_to(k_positions, k_segments.shape),
-        k_segments,
+def _ring_attention_fwd(q, k, v, segments, ring: Ring):
+    o, lse = _ring_forward(q, k, v, segments, ring)
+    return o, (q, k, v, segments, o, lse)
+
+
+def _ring_attention_bwd(ring: Ring, residuals, do):
+    """The flash-attention backward around the ring: the key blocks travel again, each with
+    its gradient accumulators `dk, dv`; every device adds its queries' share, and after the
+    last step one `ppermute` returns the accumulators to the blocks' own devices."""
+    q, k, v, segments, o, lse = residuals
+    length, kv_heads = q.shape[1], k.shape[2]
+    acc = accumulation_dtype(q.dtype)
+    delta = _grouped(jnp.sum(do.astype(acc) * o.astype(acc), axis=-1), kv_heads)
+    device = shard_index(ring.axis_name)
+    queries = list(
+        zip(
+            *(ring.split(x) for x in (_grouped(q, kv_heads), _grouped(do, kv_heads), lse, delta)),
+            zip(
+                ring.split(segments),
+                _positions(device, length, ring.axis_size, ring.zigzag),
+                strict=True,
+            ),
+            strict=True,
+        )
     )
-    mask = visible(vis, causal, window)
-    compute = functools.partial(_block_partial, scale=scale)
-    return jax.lax.cond(jnp.any(mask), compute, _skipped_partial, q, k, v, mask)
+    compute = functools.partial(_block_grads, scale=ring.scale)
+
+    def visit(dq, block, step):
+        k, v, k_segments, dk, dv = block
+        dk, dv = ring.split(dk), ring.split(dv)
+        keys = zip(
+            ring.split(k),
+            ring.split(v),
+            ring.split(k_segments),
+            ring.key_positions(step, length),
+            strict=True,
+        )
+        for j, (k_chunk, v_chunk, k_chunk_segments, k_positions) in enumerate(keys):
+            for i, (q_chunk, do_chunk, lse_chunk, delta_chunk, query_mask) in enumerate(queries):
+                mask = ring.mask(query_mask, (k_chunk_segments, k_positions))
+                args = (q_chunk, do_chunk, lse_chunk, delta_chunk, k_chunk, v_chunk, mask)
+                grads = jax.lax.cond(jnp.any(mask), compute, _skipped_grads, *args)
+                dq[i], dk[j], dv[j] = dq[i] + grads[0], dk[j] + grads[1], dv[j] + grads[2]
+        block = (k, v, k_segments, jnp.concatenate(dk, axis=1), jnp.concatenate(dv, axis=1))
+        return dq, block
+
+    zeros = [jnp.zeros_like(x, acc) for x in ring.split(_grouped(q, kv_heads))]
+    dq = varying_like((q,), zeros)
+    accumulators = varying_like((k, v), (jnp.zeros_like(k, acc), jnp.zeros_like(v, acc)))
+    block = (k, v, segments, *accumulators)
+    dq, block, steps = ring.walk(visit, dq, block)
+    dk, dv = block[3:]
+    if steps > 1:
+        home = [(i, (i - (steps - 1)) % ring.axis_size) for i in range(ring.axis_size)]
+        dk, dv = jax.lax.ppermute((dk, dv), ring.axis_name, home)
+    dq = jnp.concatenate(dq, axis=1).reshape(q.shape)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_ring_attention.defvjp(_ring_attention_fwd, _ring_attention_bwd)
+
+
+def _ring_shard(q, k, v, segments, *, axis_name, axis_size, zigzag, causal, window, scale):
+    """This device's queries against every key block, the blocks passed around the ring."""
+    return _ring_attention(
+        q, k, v, segments, Ring(axis_name, axis_size, zigzag, causal, window, scale)
+    )
 
 
 # ----------------------------------------------------------------------------- the op
@@ -322,7 +488,7 @@ def sequence_parallel_attention(
     natural_ids = segment_ids
     if zigzag and segment_ids is not None:
         natural_ids = zigzag_restore(segment_ids, axis_size)
-    spec = P(_batch_spec(mesh, axis_name), axis_name)
+    spec, _ = sequence_specs(mesh, axis_name, q.shape[0])
     shard_arguments = {"axis_name": axis_name, "axis_size": axis_size, "zigzag": zigzag}
     if method == "ulysses":
         # Without segments the op keeps its structured (cuDNN-able) causal/window call.

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from seqjax import checks
-from seqjax.nn.conv import causal_conv, init_conv_cache
-from seqjax.parallel.scans import check_sequence_split, sharded_call
-from seqjax.parallel.sequence import SEQUENCE, shard_index
+from seqjax.ops.short_conv import causal_conv, init_conv_cache
+from seqjax.parallel.mesh import SEQUENCE
+from seqjax.parallel.sequence import check_sequence_split, shard_index, sharded_call
 
 
 def sequence_parallel_causal_conv(
@@ -46,7 +46,7 @@ def sequence_parallel_causal_conv(
             f"cache: expected shape [B, W - 1, D] = {list(expected)}, got {cache.shape}"
         )
     checks.check_segment_ids(segment_ids, *x.shape[:2])
-    per_shard_length = check_sequence_split("x", x, mesh, axis_name)
+    per_shard_length = check_sequence_split(mesh, axis_name, x=x)
     if per_shard_length < width - 1:
         raise ValueError(
             f"x: each of the {mesh.shape[axis_name]} shards of mesh axis {axis_name!r} holds "

@@ -15,7 +15,8 @@ is the shard's final state from a zero state. Each shard computes its `(A_p, M_p
 outputs (`states_after` at its last token, or the composed chunk transitions), one all-gather
 and a fold give every shard its entering state `S_in(p)`, and the op itself run from
 `S_in(p)` over the shard gives its output (the local correction). The final state, the fold's
-last prefix, leaves `shard_map` replicated through one all-reduce of one state (`replicated`).
+last prefix, leaves `shard_map` replicated through one all-reduce of one state
+(`sequence.replicated`).
 Autodiff transposes the all-gather into one reduce-scatter.
 
 Segments (packed documents): `A_p` is zeroed on rows where a segment starts in the shard (at
@@ -24,25 +25,25 @@ its first token or later), and `S_in(p)` on rows whose first token starts a segm
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from seqjax.ops import chunked_linear_attention as engine
 from seqjax.ops import delta_rule as delta_ops
 from seqjax.ops import gla as gla_ops
-from seqjax.parallel.mesh import BATCH_AXES
+from seqjax.ops import ssd as ssd_ops
+from seqjax.parallel.mesh import SEQUENCE
 from seqjax.parallel.sequence import (
-    SEQUENCE,
     boundary_flags,
+    check_sequence_split,
     incoming_state,
     mask_rows,
-    shard_index,
+    sharded_call,
+    varying_like,
 )
 from seqjax.scan.linear_recurrence import accumulation_dtype
 
@@ -50,50 +51,6 @@ from seqjax.scan.linear_recurrence import accumulation_dtype
 # output`, on one shard's `[B, T / P, ...]` inputs.
 Summary = Callable[[dict[str, jax.Array], jax.Array | None], tuple[jax.Array, jax.Array]]
 Correction = Callable[[dict[str, jax.Array], jax.Array, jax.Array | None], jax.Array]
-
-
-def sequence_specs(mesh: Mesh, axis_name: str = SEQUENCE) -> tuple[P, P]:
-    """`(tokens, rows)`: the partition specs of `[B, T, ...]` arrays (B over the mesh's
-    data-parallel axes present, `data` / `fsdp`, T over `axis_name`) and of `[B, ...]` arrays
-    such as states (B only; replicated over `axis_name`)."""
-    batch = _batch_axes(mesh, axis_name) or None
-    return P(batch, axis_name), P(batch)
-
-
-def _batch_axes(mesh: Mesh, axis_name: str) -> tuple[str, ...]:
-    return tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names and axis != axis_name)
-
-
-def check_sequence_split(mesh: Mesh, axis_name: str, **arrays: jax.Array | None) -> None:
-    """Rejects `[B, T, ...]` arrays whose T the `axis_name` devices (or whose B the
-    data-parallel devices) do not divide, naming the argument."""
-    if axis_name not in mesh.axis_names:
-        raise ValueError(f"axis_name: {axis_name!r} is not an axis of the mesh {mesh.axis_names}")
-    devices = mesh.shape[axis_name]
-    batch_axes = _batch_axes(mesh, axis_name)
-    rows = math.prod(mesh.shape[axis] for axis in batch_axes)
-    for name, x in arrays.items():
-        if x is None:
-            continue
-        batch, length = x.shape[:2]
-        if length % devices:
-            raise ValueError(
-                f"{name}: T = {length} is not divisible by the {devices} devices of mesh axis "
-                f"{axis_name!r}"
-            )
-        if batch % rows:
-            raise ValueError(
-                f"{name}: B = {batch} is not divisible by the {rows} devices of mesh axes "
-                f"{batch_axes}"
-            )
-
-
-def replicated(x: jax.Array, axis_name: str) -> jax.Array:
-    """The last shard's `x`, typed as replicated over `axis_name` (one all-reduce of `x`):
-    how a value that every shard computed alike leaves `shard_map` with a spec without the
-    axis."""
-    last = jax.lax.axis_size(axis_name) - 1
-    return jax.lax.psum(jnp.where(shard_index(axis_name) == last, x, 0), axis_name)
 
 
 def _lasp2(
@@ -109,9 +66,8 @@ def _lasp2(
     """`(output, final_state)` of an op of the family over `inputs` (each `[B, T, ...]`)
     sharded along T: the shard summaries `summary`, composed by `apply(A, S)`, one
     all-gather, then `correction` from each shard's entering state."""
-    tokens, rows = sequence_specs(mesh, axis_name)
 
-    def per_shard(inputs, initial_state, segment_ids):
+    def per_shard(initial_state, segment_ids, **inputs):
         transition, state = summary(inputs, segment_ids)
         continues, closed = boundary_flags(segment_ids, axis_name)
         transition = mask_rows(continues & ~closed, transition)
@@ -119,15 +75,16 @@ def _lasp2(
             transition, state, initial_state, apply=apply, axis_name=axis_name
         )
         entering = mask_rows(continues, entering)
-        output = correction(inputs, entering, segment_ids)
-        return output, replicated(final, axis_name)
+        return correction(inputs, entering, segment_ids), final
 
-    return jax.shard_map(
+    return sharded_call(
         per_shard,
-        mesh=mesh,
-        in_specs=(tokens, rows, tokens),
-        out_specs=(tokens, rows),
-    )(inputs, initial_state, segment_ids)
+        mesh,
+        axis_name,
+        time=dict(**inputs, segment_ids=segment_ids),
+        rows=dict(initial_state=initial_state),
+        shared={},
+    )
 
 
 def _validate(op, inputs, mesh, axis_name, segment_ids, initial_state, **options) -> None:
@@ -144,13 +101,6 @@ def _validate(op, inputs, mesh, axis_name, segment_ids, initial_state, **options
 def _zero_state(k: jax.Array, v: jax.Array) -> jax.Array:
     batch, _, heads, key_dim = k.shape
     return jnp.zeros((batch, heads, key_dim, v.shape[-1]), accumulation_dtype(k.dtype, v.dtype))
-
-
-def _zero_state_like(k: jax.Array, v: jax.Array) -> jax.Array:
-    """`_zero_state` typed as varying over the mesh axes `k` and `v` vary over, as the scan
-    carry of a local pass over them must be."""
-    axes = jax.typeof(k).manual_axis_type.varying | jax.typeof(v).manual_axis_type.varying
-    return jax.lax.pcast(_zero_state(k, v), tuple(axes), to="varying")
 
 
 def _family(
@@ -193,7 +143,7 @@ def _decay_summary(chunk_size: int, log_decay_name: str) -> Summary:
             v,
             log_decay,
             last,
-            initial_state=_zero_state_like(k, v),
+            initial_state=varying_like((k, v), _zero_state(k, v)),
             segment_ids=segment_ids,
             chunk_size=chunk_size,
         )[:, 0]
@@ -338,6 +288,48 @@ def sequence_parallel_gla(
         impl=impl,
         chunk_size=chunk_size,
     )
+
+
+def sequence_parallel_ssd(
+    x: jax.Array,
+    dt: jax.Array,
+    A: jax.Array,
+    B: jax.Array,
+    C: jax.Array,
+    D: jax.Array | None = None,
+    dt_bias: jax.Array | None = None,
+    initial_state: jax.Array | None = None,
+    *,
+    dt_softplus: bool = True,
+    segment_ids: jax.Array | None = None,
+    impl: ssd_ops.SSDImpl = "auto",
+    chunk_size: int = ssd_ops.DEFAULT_CHUNK_SIZE,
+    mesh: Mesh,
+    axis_name: str = SEQUENCE,
+) -> tuple[jax.Array, jax.Array]:
+    """`seqjax.ops.ssd` (Mamba-2) with T split over the mesh axis `axis_name`: the op's own
+    mapping to `simple_gla`, run by `sequence_parallel_simple_gla`; arguments and results as
+    the op's."""
+    options = dict(dt_softplus=dt_softplus, segment_ids=segment_ids, impl=impl)
+    jax.eval_shape(
+        lambda *args: ssd_ops.ssd(*args, chunk_size=chunk_size, **options),
+        *(x, dt, A, B, C, D, dt_bias, initial_state),
+    )
+    q, k, v, g, acc = ssd_ops.as_simple_gla(x, dt, A, B, C, dt_bias, dt_softplus)
+    y, final = sequence_parallel_simple_gla(
+        q,
+        k,
+        v,
+        g,
+        scale=1.0,
+        initial_state=initial_state,
+        segment_ids=segment_ids,
+        impl=impl,
+        chunk_size=chunk_size,
+        mesh=mesh,
+        axis_name=axis_name,
+    )
+    return ssd_ops.add_skip(y, x, D, acc).astype(x.dtype), final
 
 
 # ------------------------------------------------------------------------- delta rule

@@ -1,12 +1,15 @@
 """The device mesh and the logical axis rules that map the modules' axis names onto it.
 
-The mesh has the axes `("data", "fsdp", "tensor")`:
+The mesh has the axes `("data", "fsdp", "tensor", "sequence")`:
 
 - `data`: pure data parallelism (parameters replicated, the batch split);
 - `fsdp`: the batch split *and* parameters sharded along their `embed` axis (ZeRO-3 style: XLA
   gathers a layer's weights when it needs them);
 - `tensor`: Megatron-style tensor parallelism over heads, the MLP's hidden axis and the
-  vocabulary.
+  vocabulary;
+- `sequence`: sequence parallelism, the time axis of every activation split into contiguous
+  blocks; the mixers then run the sequence-parallel forms of their ops
+  (`seqjax.parallel.dispatch`).
 
 Parameters and activations carry logical names (`seqjax.nn`); `LOGICAL_RULES` is the one table
 that says which mesh axes each name is split over. A dimension that a rule's mesh axes do not
@@ -25,12 +28,13 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+SEQUENCE = "sequence"
+MESH_AXES = ("data", "fsdp", "tensor", SEQUENCE)
 BATCH_AXES = ("data", "fsdp")
 
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
-    ("length", None),
+    ("length", SEQUENCE),
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("mlp", "tensor"),
@@ -42,14 +46,20 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def make_mesh(
-    data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+    data: int = -1,
+    fsdp: int = 1,
+    tensor: int = 1,
+    sequence: int = 1,
+    devices: Sequence[jax.Device] | None = None,
 ) -> Mesh:
-    """A mesh of `data x fsdp x tensor` devices (one size may be -1: the rest of the devices).
+    """A mesh of `data x fsdp x tensor x sequence` devices (one size may be -1: the rest of
+    the devices). `sequence` is the last (fastest-varying) axis, so its devices are neighbours
+    (one host, one ICI ring) and the sequence collectives stay local.
 
     Axes are `AxisType.Auto` (XLA propagates shardings from the annotated inputs and the
     logical constraints; `jax.make_mesh` now defaults to explicit axes)."""
     devices = jax.devices() if devices is None else list(devices)
-    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor, SEQUENCE: sequence}
     for name, size in sizes.items():
         if not isinstance(size, int) or (size < 1 and size != -1):
             raise ValueError(f"mesh.{name}: expected a positive int or -1, got {size!r}")
@@ -67,16 +77,16 @@ def make_mesh(
     shape = tuple(sizes[name] for name in MESH_AXES)
     if math.prod(shape) != len(devices):
         raise ValueError(
-            f"mesh: data x fsdp x tensor = {' x '.join(map(str, shape))} = {math.prod(shape)} "
-            f"devices, but {len(devices)} are available"
+            f"mesh: data x fsdp x tensor x sequence = {' x '.join(map(str, shape))} = "
+            f"{math.prod(shape)} devices, but {len(devices)} are available"
         )
     grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Batches `[B, ...]` split over the data-parallel axes."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    """Batches `[B, T, ...]`: rows split over the data-parallel axes, time over `sequence`."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, SEQUENCE))
 
 
 def _mesh_axes(name: str | None, rules: Sequence[tuple[str, Any]]) -> tuple[str, ...]:

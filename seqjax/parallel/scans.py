@@ -17,102 +17,42 @@ shard's.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from seqjax import checks
 from seqjax.ops.common import ScanOpImpl, token_starts
 from seqjax.ops.hgrn import hgrn
-from seqjax.ops.lru import _lambda_and_gamma, lru
-from seqjax.ops.rg_lru import _decay_and_input, rg_lru
+from seqjax.ops.lru import lambda_and_gamma, lru
+from seqjax.ops.rg_lru import decay_and_input, rg_lru
 from seqjax.ops.selective_scan import (
     DEFAULT_CHUNK_SIZE as SELECTIVE_SCAN_CHUNK_SIZE,
 )
 from seqjax.ops.selective_scan import (
     SelectiveScanImpl,
-    _decay,
-    _delta,
+    discretized_decay,
+    discretized_step,
     selective_scan,
 )
-from seqjax.parallel.mesh import BATCH_AXES
+from seqjax.parallel.mesh import SEQUENCE
 from seqjax.parallel.sequence import (
-    SEQUENCE,
     boundary_flags,
+    check_sequence_split,
     incoming_state,
     mask_rows,
     shard_index,
+    sharded_call,
     varying,
+    varying_like,
 )
 from seqjax.scan import SCAN_IMPLS, ScanImpl, linear_recurrence
 from seqjax.scan.linear_recurrence import DEFAULT_CHUNK_SIZE, accumulation_dtype
 
 Flags = tuple[jax.Array, jax.Array]
-
-
-def check_sequence_split(name: str, x: jax.Array, mesh: Mesh, axis_name: str) -> int:
-    """The number of tokens per shard of `x: [B, T, ...]`; a ValueError naming `name` unless
-    `axis_name` is an axis of `mesh` whose size divides `T`."""
-    if axis_name not in mesh.axis_names:
-        raise ValueError(f"axis_name: {axis_name!r} is not an axis of the mesh {mesh.axis_names}")
-    if x.ndim < 2:
-        raise ValueError(f"{name}: expected shape [B, T, ...], got {x.shape}")
-    length, devices = x.shape[1], mesh.shape[axis_name]
-    if length % devices:
-        raise ValueError(
-            f"{name}: T = {length} is not divisible by the {devices} devices of mesh axis "
-            f"{axis_name!r}"
-        )
-    return length // devices
-
-
-def sharded_call(
-    per_shard: Callable[..., tuple[Any, Any]],
-    mesh: Mesh,
-    axis_name: str,
-    *,
-    time: dict[str, Any],
-    rows: dict[str, Any],
-    shared: dict[str, Any],
-) -> tuple[Any, Any]:
-    """`per_shard(**time, **rows, **shared) -> (output, final)` under `jax.shard_map`, with
-    `time` (`[B, T, ...]`, None allowed) split over `axis_name` and the batch, `rows`
-    (`[B, ...]`) over the batch, and `shared` replicated. `output` is sharded like the `time`
-    inputs; `final` (`[B, ...]` per shard) is returned from the last shard."""
-    batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and a != axis_name)
-    batch = next(x.shape[0] for x in jax.tree.leaves(time))
-    if batch % math.prod(mesh.shape[a] for a in batch_axes):
-        batch_axes = ()
-    batch_spec = batch_axes or None
-    time_spec, row_spec = P(batch_spec, axis_name), P(batch_spec)
-
-    def body(time, rows, shared):
-        output, final = per_shard(**time, **rows, **shared)
-        return output, jax.tree.map(lambda x: x[None], final)
-
-    output, finals = jax.shard_map(
-        body,
-        mesh=mesh,
-        in_specs=(time_spec, row_spec, P()),
-        out_specs=(time_spec, P(axis_name, batch_spec)),
-    )(time, rows, shared)
-    return output, jax.tree.map(lambda x: x[-1], finals)
-
-
-def varying_like(reference: jax.Array, tree: Any) -> Any:
-    """`tree` typed as varying over every mesh axis that `reference` varies over."""
-    axes = jax.typeof(reference).manual_axis_type.varying
-
-    def cast(x):
-        missing = tuple(sorted(axes - jax.typeof(x).manual_axis_type.varying))
-        return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-    return jax.tree.map(cast, tree)
 
 
 def diagonal_shard(
@@ -121,13 +61,15 @@ def diagonal_shard(
     initial_state: jax.Array | None,
     flags: Flags,
     axis_name: str,
+    reverse: bool = False,
 ) -> tuple[Any, jax.Array]:
     """The recurrentgemma scheme on one shard. `run(h0) -> (output, final)` is the op on the
     shard's tokens from the state `h0`; `transition`, of the state's shape `[B, ...]`, is the
-    product of the shard's decays; `flags` are `boundary_flags`."""
+    product of the shard's decays; `flags` are `boundary_flags` (with the same `reverse`, for
+    a recurrence that runs from the end)."""
     continues, closed = flags
     zeros = jnp.zeros(transition.shape, transition.dtype)
-    _, local_final = run(varying_like(transition, varying(zeros, axis_name)))
+    _, local_final = run(varying_like((transition,), varying(zeros, axis_name)))
     transition = mask_rows(jnp.broadcast_to(continues & ~closed, transition.shape[:1]), transition)
     if initial_state is None:
         initial_state = jnp.zeros_like(local_final)
@@ -137,6 +79,7 @@ def diagonal_shard(
         initial_state.astype(local_final.dtype),
         apply=jnp.multiply,
         axis_name=axis_name,
+        reverse=reverse,
     )
     return run(mask_rows(jnp.broadcast_to(continues, entering.shape[:1]), entering))
 
@@ -155,32 +98,25 @@ def sequence_parallel_linear_recurrence(
 ) -> tuple[jax.Array, jax.Array]:
     """`seqjax.scan.linear_recurrence` (`h_t = a_t * h_{t-1} + b_t` over axis 1 of
     `[B, T, ...]`) with `T` split over `mesh`'s axis `axis_name`; returns `(h, h_last)` as the
-    single-device op does. `reverse=True` is not supported (it would fold the shards from the
-    last one)."""
-    if reverse:
-        raise ValueError(
-            "reverse: sequence_parallel_linear_recurrence runs forward only; use "
-            "linear_recurrence for reversed scans"
-        )
+    single-device op does. With `reverse` the summaries fold from the last shard down, and
+    `h_last` (the state at t = 0) comes from the first shard."""
+    options = dict(reverse=reverse, impl=impl, chunk_size=chunk_size)
     jax.eval_shape(
-        lambda a, b, h0: linear_recurrence(
-            a, b, h0, segment_ids=segment_ids, impl=impl, chunk_size=chunk_size
-        ),
+        lambda a, b, h0: linear_recurrence(a, b, h0, segment_ids=segment_ids, **options),
         a,
         b,
         h0,
     )
-    check_sequence_split("b", b, mesh, axis_name)
+    check_sequence_split(mesh, axis_name, b=b)
     acc = accumulation_dtype(a.dtype, b.dtype)
 
     def per_shard(a, b, segment_ids, h0):
         def run(state):
-            return linear_recurrence(
-                a, b, state, segment_ids=segment_ids, impl=impl, chunk_size=chunk_size
-            )
+            return linear_recurrence(a, b, state, segment_ids=segment_ids, **options)
 
-        flags = boundary_flags(segment_ids, axis_name)
-        return diagonal_shard(run, jnp.prod(a.astype(acc), axis=1), h0, flags, axis_name)
+        flags = boundary_flags(segment_ids, axis_name, reverse=reverse)
+        transition = jnp.prod(a.astype(acc), axis=1)
+        return diagonal_shard(run, transition, h0, flags, axis_name, reverse)
 
     return sharded_call(
         per_shard,
@@ -189,6 +125,7 @@ def sequence_parallel_linear_recurrence(
         time=dict(a=jnp.broadcast_to(a, b.shape), b=b, segment_ids=segment_ids),
         rows=dict(h0=h0),
         shared={},
+        final_shard=0 if reverse else -1,
     )
 
 
@@ -207,7 +144,7 @@ def sequence_parallel_hgrn(
     is `exp(sum_t g_t)`."""
     options = dict(segment_ids=segment_ids, impl=impl, chunk_size=chunk_size)
     jax.eval_shape(lambda *args: hgrn(*args, **options), x, g, initial_state)
-    check_sequence_split("x", x, mesh, axis_name)
+    check_sequence_split(mesh, axis_name, x=x)
 
     def per_shard(x, g, segment_ids, initial_state):
         def run(state):
@@ -246,14 +183,14 @@ def sequence_parallel_rg_lru(
     A shard's first token opens a segment (its input is not normalized) on rows where it
     starts a new segment, and on shard 0 when `initial_state` is None; the op can only say
     that for a whole call, so the shards build the op's decays and inputs
-    (`rg_lru._decay_and_input`) and scan them. `impl` is one of the scan layer's algorithms.
+    (`rg_lru.decay_and_input`) and scan them. `impl` is one of the scan layer's algorithms.
     """
     checks.check_choice("impl", impl, SCAN_IMPLS)
     options = dict(segment_ids=segment_ids, c=c, impl=impl, chunk_size=chunk_size)
     jax.eval_shape(
         lambda *args: rg_lru(*args, **options), x, gate_x, gate_a, a_param, initial_state
     )
-    check_sequence_split("x", x, mesh, axis_name)
+    check_sequence_split(mesh, axis_name, x=x)
 
     def per_shard(x, gate_x, gate_a, segment_ids, initial_state, a_param):
         continues, closed = boundary_flags(segment_ids, axis_name)
@@ -261,7 +198,7 @@ def sequence_parallel_rg_lru(
         if initial_state is None:
             opens = opens | (shard_index(axis_name) == 0)
         starts = token_starts(segment_ids, *x.shape[:2]).at[:, 0].set(opens)
-        a, normalized_x = _decay_and_input(x, gate_x, gate_a, a_param, starts[..., None], c)
+        a, normalized_x = decay_and_input(x, gate_x, gate_a, a_param, starts[..., None], c)
 
         def run(state):
             return linear_recurrence(
@@ -307,11 +244,11 @@ def sequence_parallel_lru(
         *parameters.values(),
         initial_state,
     )
-    length = check_sequence_split("x", x, mesh, axis_name)
+    length = check_sequence_split(mesh, axis_name, x=x)
 
     def per_shard(x, segment_ids, initial_state, **parameters):
         # The scan layer's custom VJP needs lambda (its decay) to vary like the inputs.
-        parameters = varying_like(x, parameters)
+        parameters = varying_like((x,), parameters)
 
         def run(state):
             return lru(
@@ -323,7 +260,7 @@ def sequence_parallel_lru(
                 chunk_size=chunk_size,
             )
 
-        lam, _ = _lambda_and_gamma(
+        lam, _ = lambda_and_gamma(
             parameters["nu_log"], parameters["theta_log"], parameters["gamma_log"], x.dtype
         )
         flags = boundary_flags(segment_ids, axis_name)
@@ -369,7 +306,7 @@ def sequence_parallel_selective_scan(
         lambda *args: selective_scan(*args, segment_ids=segment_ids, **options),
         *(x, dt, A, B, C, D, z, dt_bias, initial_state),
     )
-    check_sequence_split("x", x, mesh, axis_name)
+    check_sequence_split(mesh, axis_name, x=x)
 
     def per_shard(x, dt, B, C, z, segment_ids, initial_state, A, D, dt_bias):
         def run(state):
@@ -378,10 +315,12 @@ def sequence_parallel_selective_scan(
             )
 
         real = accumulation_dtype(x.dtype, dt.dtype)
-        delta = _delta(
+        delta = discretized_step(
             dt.astype(real), None if dt_bias is None else dt_bias.astype(real), dt_softplus
         )
-        decays = _decay(delta, A.astype(accumulation_dtype(A.dtype, real)), allow_neg_eigval)
+        decays = discretized_decay(
+            delta, A.astype(accumulation_dtype(A.dtype, real)), allow_neg_eigval
+        )
         flags = boundary_flags(segment_ids, axis_name)
         return diagonal_shard(run, jnp.prod(decays, axis=1), initial_state, flags, axis_name)
 

@@ -21,7 +21,10 @@ defaults are locked, so a misspelt override fails at parse time instead of being
                           which comes from the data
     optimizer             AdamW with warmup and decay, clipping, weight-decay mask
     train                 steps, accumulation, logging, evaluation and checkpoint cadence
-    mesh                  data x fsdp x tensor (-1: the remaining devices)
+    mesh                  data x fsdp x tensor x sequence (-1: the remaining devices);
+                          sequence > 1 splits every row's time axis over that many devices,
+                          and the mixers run the sequence-parallel forms of their ops
+                          (`seqjax.parallel.dispatch`)
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.mesh.data = -1
     config.mesh.fsdp = 1
     config.mesh.tensor = 1
+    config.mesh.sequence = 1
     return config
 
 

@@ -24,11 +24,12 @@ import jax
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from seqjax.data import make_source
 from seqjax.data.pipeline import host_batches
 from seqjax.models import LanguageModelConfig, build
-from seqjax.parallel import BATCH_AXES, batch_sharding, make_mesh
+from seqjax.parallel import BATCH_AXES, SEQUENCE, batch_sharding, make_mesh
 from seqjax.train.checkpoint import Checkpointer
 from seqjax.train.config import validate
 from seqjax.train.metrics import MetricsWriter
@@ -56,7 +57,8 @@ def sources(config: ml_collections.ConfigDict):
 
 def check_batch(config: ml_collections.ConfigDict, mesh) -> None:
     """Checks that the global batch splits evenly over the data's shards and (per
-    micro-batch) over the mesh's data-parallel devices."""
+    micro-batch) over the mesh's data-parallel devices, and that every row length splits
+    over the sequence devices, all of which one host feeds."""
     batch = config.data.batch_size
     ways = int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
     micro = batch // config.train.accumulation_steps
@@ -67,6 +69,7 @@ def check_batch(config: ml_collections.ConfigDict, mesh) -> None:
             f"{config.train.accumulation_steps}) do not split over the {ways} data-parallel "
             f"devices of the mesh (data x fsdp = {axes})"
         )
+    check_sequence_axis(config, mesh)
     shards = config.data.num_shards or jax.process_count()
     if shards % jax.process_count():
         raise ValueError(
@@ -76,6 +79,28 @@ def check_batch(config: ml_collections.ConfigDict, mesh) -> None:
         raise ValueError(
             f"config.data.batch_size: {batch} rows do not split into {shards} data shards"
         )
+
+
+def check_sequence_axis(config: ml_collections.ConfigDict, mesh) -> None:
+    """Every row length (data.length; data.min_length too when decomposing) must split over
+    the `sequence` devices, and each group of them must sit on one host, which reads whole
+    rows."""
+    devices = mesh.shape[SEQUENCE]
+    fields = ["length"] + (["min_length"] if config.data.packing == "decompose" else [])
+    for field in fields:
+        length = config.data[field]
+        if length % devices:
+            raise ValueError(
+                f"config.data.{field}: {length} tokens do not split over the {devices} devices "
+                f"of the mesh's sequence axis (mesh.sequence)"
+            )
+    if isinstance(mesh, Mesh):
+        groups = np.vectorize(lambda d: d.process_index)(mesh.devices).reshape(-1, devices)
+        if np.any(groups != groups[:, :1]):
+            raise ValueError(
+                f"config.mesh.sequence: {devices} devices span several hosts; a host reads "
+                f"whole rows, so the sequence axis must fit in one host's devices"
+            )
 
 
 def corpus_record(source) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from contract import assert_trees_close
 
-from seqjax.nn.conv import ShortConvolution, init_conv_cache
+from seqjax.nn.conv import ShortConvolution
 from seqjax.nn.layers import (
     GatedRMSNorm,
     LowRankProjection,
@@ -18,6 +18,7 @@ from seqjax.nn.layers import (
     rotary,
 )
 from seqjax.nn.mixer import default_positions
+from seqjax.ops.short_conv import init_conv_cache
 
 
 def normal(seed, *shape):

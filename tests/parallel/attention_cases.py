@@ -11,8 +11,9 @@ import pytest
 from jax.sharding import Mesh
 
 from seqjax.ops.attention import softmax_attention
+from seqjax.parallel import attention
 from seqjax.parallel.attention import sequence_parallel_attention, zigzag_order, zigzag_restore
-from seqjax.parallel.sequence import SEQUENCE
+from seqjax.parallel.mesh import SEQUENCE
 
 BATCH, LENGTH, DIM = 2, 64, 8
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
@@ -90,6 +91,15 @@ def test_ulysses_equals_single_device_with_packed_segments_and_grouped_heads():
 def test_zigzag_ring_equals_single_device_with_packed_segments_and_grouped_heads():
     assert_matches_single_device(
         sequence_mesh(), "ring", zigzag=True, heads=4, kv_heads=2, segments=True
+    )
+
+
+def test_ring_over_key_tiles_smaller_than_a_shard_equals_single_device(monkeypatch):
+    # 16-token shards in tiles of 4 keys: the online-softmax merge across tiles, forward and
+    # backward.
+    monkeypatch.setattr(attention, "KEY_TILE", 4)
+    assert_matches_single_device(
+        data_sequence_mesh(), "ring", heads=4, kv_heads=2, segments=True, window=21
     )
 
 

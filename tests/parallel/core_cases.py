@@ -7,7 +7,8 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from seqjax.parallel.sequence import SEQUENCE, boundary_flags, incoming_state
+from seqjax.parallel.mesh import SEQUENCE
+from seqjax.parallel.sequence import boundary_flags, incoming_state
 
 
 def mesh():

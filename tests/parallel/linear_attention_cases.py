@@ -17,7 +17,7 @@ from seqjax.parallel.linear_attention import (
     sequence_parallel_linear_attention,
     sequence_parallel_simple_gla,
 )
-from seqjax.parallel.sequence import SEQUENCE
+from seqjax.parallel.mesh import SEQUENCE
 
 B, H, K, V = 2, 2, 8, 8
 RTOL = 1e-5
@@ -197,12 +197,12 @@ def test_a_length_the_devices_do_not_divide_is_rejected():
         )
 
 
-def test_a_batch_the_data_devices_do_not_divide_is_rejected():
+def test_a_batch_the_data_devices_do_not_divide_is_replicated_over_them():
     inputs = {name: x[:1] for name, x in make_inputs(64).items()}
-    with pytest.raises(ValueError, match="q: B = 1 is not divisible by the 2 devices"):
-        sequence_parallel_delta_rule(
-            inputs["q"], inputs["k"], inputs["v"], inputs["beta"], mesh=data_sequence_mesh()
-        )
+    args = inputs["q"], inputs["k"], inputs["v"], inputs["beta"]
+    o, final = sequence_parallel_delta_rule(*args, mesh=data_sequence_mesh())
+    assert o.sharding.is_equivalent_to(NamedSharding(data_sequence_mesh(), P(None, SEQUENCE)), 4)
+    assert_close((o, final), delta_ops.delta_rule(*args), "B = 1 on data x sequence = 2 x 4: ")
 
 
 def test_inputs_of_the_wrong_shape_are_rejected_by_the_op_checks():

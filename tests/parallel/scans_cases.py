@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from seqjax.nn.conv import causal_conv
 from seqjax.ops.hgrn import hgrn
 from seqjax.ops.lru import lru
 from seqjax.ops.rg_lru import rg_lru
 from seqjax.ops.selective_scan import selective_scan
+from seqjax.ops.short_conv import causal_conv
 from seqjax.parallel.conv import sequence_parallel_causal_conv
+from seqjax.parallel.mesh import SEQUENCE
 from seqjax.parallel.scans import (
     sequence_parallel_hgrn,
     sequence_parallel_linear_recurrence,
@@ -22,7 +23,6 @@ from seqjax.parallel.scans import (
     sequence_parallel_rg_lru,
     sequence_parallel_selective_scan,
 )
-from seqjax.parallel.sequence import SEQUENCE
 from seqjax.scan import linear_recurrence
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
@@ -87,7 +87,9 @@ def assert_same_values_and_gradients(sharded, single, args):
         np.testing.assert_allclose(got_leaf, expected_leaf, **TOLERANCE)
 
 
-def check_linear_recurrence(mesh, length, segments, initial, dtype=np.float32, impl="auto"):
+def check_linear_recurrence(
+    mesh, length, segments, initial, dtype=np.float32, impl="auto", reverse=False
+):
     a = np.random.default_rng(0).uniform(-1.0, 1.0, (2, length, 3))
     if np.issubdtype(dtype, np.complexfloating):
         a = a * np.exp(1j * np.random.default_rng(2).uniform(0, 2 * np.pi, a.shape))
@@ -96,11 +98,13 @@ def check_linear_recurrence(mesh, length, segments, initial, dtype=np.float32, i
     h0 = normal(3, (2, 3), dtype) if initial else None
     ids = packed_segments(length) if segments else None
 
+    options = dict(segment_ids=ids, impl=impl, reverse=reverse)
+
     def single(a, b, h0):
-        return linear_recurrence(a, b, h0, segment_ids=ids, impl=impl)
+        return linear_recurrence(a, b, h0, **options)
 
     def sharded(a, b, h0):
-        return sequence_parallel_linear_recurrence(a, b, h0, segment_ids=ids, impl=impl, mesh=mesh)
+        return sequence_parallel_linear_recurrence(a, b, h0, mesh=mesh, **options)
 
     assert_same_values_and_gradients(sharded, single, (a, b, h0))
 
@@ -256,7 +260,6 @@ def test_shards_shorter_than_the_conv_halo_are_rejected():
         sequence_parallel_causal_conv(x, np.zeros((4, 8), np.float32), mesh=sequence_mesh())
 
 
-def test_reverse_scan_is_rejected():
-    a = np.ones((2, 16, 3), np.float32)
-    with pytest.raises(ValueError, match="reverse"):
-        sequence_parallel_linear_recurrence(a, a, reverse=True, mesh=sequence_mesh())
+@pytest.mark.parametrize("mesh", MESHES.values(), ids=MESHES)
+def test_a_reversed_scan_folds_the_shards_from_the_last(mesh):
+    check_linear_recurrence(mesh(), 64, segments=True, initial=True, reverse=True)

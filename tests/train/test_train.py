@@ -37,7 +37,7 @@ def compilation_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("compilation_cache")
 
 
-def run(args, workdir, cache, *, devices=1, wait=True):
+def run(args, workdir, cache, *, devices=1, wait=True, variant=""):
     env = {
         **os.environ,
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
@@ -45,7 +45,8 @@ def run(args, workdir, cache, *, devices=1, wait=True):
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
-    command = [sys.executable, "-m", "experiments.train", f"--config={CONFIG_FILE}"]
+    config = f"--config={CONFIG_FILE}" + (f":{variant}" if variant else "")
+    command = [sys.executable, "-m", "experiments.train", config]
     process = subprocess.Popen([*command, f"--workdir={workdir}", *args], cwd=ROOT, env=env)
     if wait:
         assert process.wait(timeout=600) == 0
@@ -62,10 +63,11 @@ def one_device(tmp_path_factory):
 
 
 MESHES = {
-    "data x fsdp x tensor": pytest.param((2, 2, 2)),
-    "data": pytest.param((8, 1, 1), marks=pytest.mark.slow),
-    "fsdp": pytest.param((1, 8, 1), marks=pytest.mark.slow),
-    "data x tensor": pytest.param((2, 1, 4), marks=pytest.mark.slow),
+    "data x fsdp x tensor": pytest.param((2, 2, 2, 1)),
+    "data": pytest.param((8, 1, 1, 1), marks=pytest.mark.slow),
+    "fsdp": pytest.param((1, 8, 1, 1), marks=pytest.mark.slow),
+    "data x tensor": pytest.param((2, 1, 4, 1), marks=pytest.mark.slow),
+    "data x sequence": pytest.param((2, 1, 1, 4), marks=pytest.mark.slow),
 }
 
 
@@ -77,6 +79,36 @@ def test_a_mesh_gives_the_one_device_losses(mesh, one_device, compilation_cache,
     assert sorted(sharded) == list(range(1, 31))
     np.testing.assert_allclose(
         [sharded[step] for step in one_device], list(one_device.values()), rtol=1e-4
+    )
+
+
+@pytest.fixture(scope="module")
+def hybrid_one_device(tmp_path_factory, compilation_cache):
+    """The hybrid run (DeltaNet and attention, 20 steps) on one device."""
+    workdir = tmp_path_factory.mktemp("hybrid_one_device")
+    run([], workdir, compilation_cache, variant="hybrid")
+    return losses(workdir)
+
+
+SEQUENCE_MESHES = {
+    "data x sequence": pytest.param((2, 1, 1, 4)),
+    "sequence": pytest.param((1, 1, 1, 8), marks=pytest.mark.slow),
+    "fsdp x tensor x sequence": pytest.param((1, 2, 2, 2), marks=pytest.mark.slow),
+}
+
+
+@pytest.mark.parametrize("mesh", SEQUENCE_MESHES.values(), ids=SEQUENCE_MESHES.keys())
+def test_a_sequence_sharded_hybrid_trains_to_the_one_device_losses(
+    mesh, hybrid_one_device, compilation_cache, tmp_path
+):
+    sizes = [f"--config.mesh.{axis}={size}" for axis, size in zip(MESH_AXES, mesh, strict=True)]
+    run(sizes, tmp_path, compilation_cache, devices=8, variant="hybrid")
+    sharded = losses(tmp_path)
+    assert sorted(sharded) == list(range(1, 21))
+    np.testing.assert_allclose(
+        [sharded[step] for step in hybrid_one_device],
+        list(hybrid_one_device.values()),
+        rtol=1e-4,
     )
 
 
@@ -138,10 +170,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+TWO_HOST_RUNS = {
+    "data": ([], ""),
+    "hybrid on data x sequence": (["--config.mesh.sequence=4"], "hybrid"),
+}
+
+
 @pytest.mark.slow
-def test_two_hosts_of_four_devices_give_the_one_host_losses(compilation_cache, tmp_path):
-    shards = ["--config.data.num_shards=2", "--config.train.steps=10"]
-    run(shards, tmp_path / "one_host", compilation_cache, devices=8)
+@pytest.mark.parametrize(("mesh", "variant"), TWO_HOST_RUNS.values(), ids=TWO_HOST_RUNS)
+def test_two_hosts_of_four_devices_give_the_one_host_losses(
+    mesh, variant, compilation_cache, tmp_path
+):
+    shards = ["--config.data.num_shards=2", "--config.train.steps=10", *mesh]
+    run(shards, tmp_path / "one_host", compilation_cache, devices=8, variant=variant)
     coordinator = f"--coordinator=localhost:{free_port()}"
     hosts = [
         run(
@@ -150,6 +191,7 @@ def test_two_hosts_of_four_devices_give_the_one_host_losses(compilation_cache, t
             compilation_cache,
             devices=4,
             wait=False,
+            variant=variant,
         )
         for index in range(2)
     ]
@@ -184,6 +226,14 @@ def test_an_unknown_dataset_is_named():
 def test_a_batch_that_does_not_split_over_the_data_axes_is_named():
     config = get_config()
     config.data.batch_size = 12
-    mesh = AbstractMesh((2, 4, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    mesh = AbstractMesh((2, 4, 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 4)
     with pytest.raises(ValueError, match=r"config.data.batch_size: 12 rows .* 8 data-parallel"):
+        check_batch(config, mesh)
+
+
+def test_a_length_that_does_not_split_over_the_sequence_axis_is_named():
+    config = get_config()
+    config.data.length = 30
+    mesh = AbstractMesh((2, 1, 1, 4), MESH_AXES, axis_types=(AxisType.Auto,) * 4)
+    with pytest.raises(ValueError, match=r"config.data.length: 30 tokens .* 4 devices"):
         check_batch(config, mesh)
