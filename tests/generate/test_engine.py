@@ -15,7 +15,7 @@ from seqjax.generate.samplers import Sampler
 from seqjax.models import MIXERS, LanguageModelConfig, build
 
 GREEDY = Sampler(greedy=True)
-HYBRID = ("gated_delta_net", "attention", "mamba")
+HYBRID = ("gla", "attention")
 
 
 def model_and_params(layers, *, window=None, seed=1):
@@ -118,8 +118,8 @@ def test_prefill_equals_stepping_the_prompt(kind):
 
 def test_ragged_prompts_generate_as_each_row_alone():
     model, params = model_and_params(HYBRID, window=5)
-    prompt = prompts(batch=3, length=8, seed=3)
-    lengths = [8, 3, 5]
+    prompt = prompts(batch=2, length=8, seed=3)
+    lengths = [8, 3]
     batched = generate(
         model,
         params,
