@@ -194,6 +194,21 @@ def ring_write(
     return slots, jnp.where(keep, positions, -1), end.astype(jnp.int32)
 
 
+def _write_token(cache: KVCache, k: jax.Array, v: jax.Array) -> KVCache:
+    """The cache after one more token `k, v: [B, Hkv, *]`: position `length` into slot
+    `length mod C`, the other slots untouched (what `ring_write` does for one token without
+    segments, as a scatter of one row instead of a select over every slot, so a decode step
+    costs O(1) writes)."""
+    rows = jnp.arange(cache.k.shape[0])
+    slot = jnp.mod(cache.length, cache.positions.shape[1])
+    return KVCache(
+        cache.k.at[rows, slot].set(k.astype(cache.k.dtype)),
+        cache.v.at[rows, slot].set(v.astype(cache.v.dtype)),
+        cache.positions.at[rows, slot].set(cache.length),
+        cache.length + 1,
+    )
+
+
 def _final_cache(cache, k, v, segment_ids, window) -> KVCache:
     """The cache after the tokens `k, v: [B, T, Hkv, *]` (a new one of capacity T, or
     `window`, when `cache` is None)."""
@@ -693,7 +708,7 @@ def softmax_attention_step(
     if window is not None:
         checks.check_positive("window", window)
     _check_capacity(cache, 1, window, "cache")
-    cache = _final_cache(cache, k[:, None], v[:, None], None, window)
+    cache = _write_token(cache, k, v)
     now = cache.length - 1
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     kv_heads = k.shape[1]
