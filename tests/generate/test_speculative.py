@@ -38,6 +38,7 @@ def test_greedy_speculative_decoding_is_the_targets_greedy_output():
     assert np.all(out.accepted <= out.proposed)
 
 
+@pytest.mark.slow
 def test_the_draft_itself_as_draft_accepts_every_greedy_proposal():
     target, params = model_and_params(("gla",))
     prompt = jax.random.randint(jax.random.key(0), (2, 5), 0, VOCAB)
@@ -90,6 +91,7 @@ def test_sampled_tokens_follow_the_targets_distribution():
     assert statistic < critical, (statistic, observed, expected.round())
 
 
+@pytest.mark.slow
 def test_a_stop_token_ends_the_row():
     target, target_params = model_and_params(("gla",), seed=1)
     draft, draft_params = model_and_params(("gla",), seed=2)

@@ -26,7 +26,9 @@ def tokens(batch=2, length=13, seed=0):
     return jax.random.randint(jax.random.key(seed), (batch, length), 0, VOCAB)
 
 
-@pytest.mark.parametrize("scan_layers", [True, pytest.param(False, marks=pytest.mark.slow)])
+# The default suite's decoding check is the generation engine's (tests/generate/test_engine.py).
+@pytest.mark.slow
+@pytest.mark.parametrize("scan_layers", [True, False])
 def test_hybrid_decodes_like_the_parallel_pass(scan_layers):
     model = build(hybrid(scan_layers=scan_layers))
     x = tokens()

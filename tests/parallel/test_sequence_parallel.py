@@ -1,4 +1,5 @@
-"""Runs the sequence-parallel checks (`*_cases.py` here) on 8 fake CPU devices.
+"""Runs the checks on a mesh (`*_cases.py` here: the sequence-parallel forms, the mixers under
+a sequence mesh, generation with sharded parameters) on 8 fake CPU devices.
 
 The device count is fixed when JAX starts, so the cases files run in one more pytest process
 with `--xla_force_host_platform_device_count=8`: the default suite runs their representative
