@@ -12,7 +12,7 @@ so both of its passes cost a full local op).
 Every `[B, T, ...]` input is split along `T` over the mesh axis `axis_name` (contiguous
 shards) and along `B` over the mesh's data-parallel axes (`"data"`, `"fsdp"`) when present;
 parameters are replicated. Outputs are sharded like the inputs; the final state is the last
-shard's.
+shard's (the first's for a reversed scan).
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ from seqjax.parallel.sequence import (
     mask_rows,
     shard_index,
     sharded_call,
-    varying,
     varying_like,
 )
 from seqjax.scan import SCAN_IMPLS, ScanImpl, linear_recurrence
@@ -68,8 +67,8 @@ def diagonal_shard(
     product of the shard's decays; `flags` are `boundary_flags` (with the same `reverse`, for
     a recurrence that runs from the end)."""
     continues, closed = flags
-    zeros = jnp.zeros(transition.shape, transition.dtype)
-    _, local_final = run(varying_like((transition,), varying(zeros, axis_name)))
+    # `transition` comes from this shard's tokens, so it varies over `axis_name` already.
+    _, local_final = run(varying_like((transition,), jnp.zeros_like(transition)))
     transition = mask_rows(jnp.broadcast_to(continues & ~closed, transition.shape[:1]), transition)
     if initial_state is None:
         initial_state = jnp.zeros_like(local_final)
