@@ -13,8 +13,15 @@ from seqjax.scan import segment_starts
 
 # The impls of an op whose fast path is one call of the scan layer: its token-loop reference,
 # or any of the scan layer's algorithms (`"auto"` is the scan layer's choice for the backend).
-ScanOpImpl = Literal["auto", "reference", "sequential", "associative", "chunked"]
-SCAN_OP_IMPLS: tuple[str, ...] = ("auto", "reference", "sequential", "associative", "chunked")
+ScanOpImpl = Literal["auto", "reference", "sequential", "associative", "chunked", "pallas"]
+SCAN_OP_IMPLS: tuple[str, ...] = (
+    "auto",
+    "reference",
+    "sequential",
+    "associative",
+    "chunked",
+    "pallas",
+)
 
 
 def take_rows(x: jax.Array, index: jax.Array) -> jax.Array:

@@ -33,7 +33,9 @@ Impls: `"reference"` (the token loop above), `"chunked"` (the chunk form, a `cus
 keeps only the inputs and the chunk-entering states and recomputes `U`, `W` in the backward
 pass; what `"auto"` picks), `"parallel"` (the chunk form with one chunk as long as the
 sequence, differentiated by JAX; O(T^2) memory and an O(T^3) solve, for short sequences and
-as a second reference). The chunked impl supports reverse-mode differentiation only.
+as a second reference), and `"pallas"` (the kernels of `pallas_kernels.delta_rule`, see
+`seqjax.kernels`: what `"auto"` picks on TPU and GPU; packed segments fall back to
+`"chunked"`). The chunked and Pallas impls support reverse-mode differentiation only.
 """
 
 from __future__ import annotations
@@ -44,13 +46,13 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from seqjax import checks
+from seqjax import checks, kernels
 from seqjax.ops import chunked_linear_attention as engine
 from seqjax.ops.common import reset, scan_tokens
 from seqjax.scan.linear_recurrence import accumulation_dtype
 
-DeltaImpl = Literal["auto", "reference", "chunked", "parallel"]
-DELTA_IMPLS: tuple[str, ...] = ("auto", "reference", "chunked", "parallel")
+DeltaImpl = Literal["auto", "reference", "chunked", "parallel", "pallas"]
+DELTA_IMPLS: tuple[str, ...] = ("auto", "reference", "chunked", "parallel", "pallas")
 DEFAULT_CHUNK_SIZE = 64
 # Rows of the diagonal blocks that `unit_lower_inverse` inverts by forward substitution;
 # 16 measured fastest (of 1, 4, 8, 16) at C = 64.
@@ -313,8 +315,12 @@ def _prepare(k, v, g, beta, initial_state, extra=()):
 
 
 def _run(q, k, v, g, beta, scale, initial_state, segment_ids, impl, chunk_size):
-    acc, (k, v, g, beta, initial_state) = _prepare(k, v, g, beta, initial_state, (q,))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    args = (q, k, v, beta, g, initial_state)
+    kernel = kernels.choose("delta_rule", impl, args, segment_ids)
+    if kernel is not None:
+        return kernel.delta_rule(*args, scale=scale, chunk_size=None, **kernels.options())
+    acc, (k, v, g, beta, initial_state) = _prepare(k, v, g, beta, initial_state, (q,))
     q = q.astype(acc) * scale
     if impl == "reference":
         return _reference(q, k, v, g, beta, initial_state, segment_ids)
@@ -347,8 +353,10 @@ def delta_rule(
       scale: multiplies `q` (in `o_t`); None means `K ** -0.5`.
       initial_state: `[B, H, K, V]`; None: zeros.
       segment_ids: `[B, T]` ints; the state restarts at every new segment.
-      impl: `"reference"`, `"chunked"`, `"parallel"` or `"auto"` (`"chunked"`).
-      chunk_size: tokens per chunk of `"chunked"`.
+      impl: `"reference"`, `"chunked"`, `"parallel"`, `"pallas"` or `"auto"` (`"pallas"` on
+        TPU and GPU, else `"chunked"`).
+      chunk_size: tokens per chunk of `"chunked"` (the kernels take theirs from
+        `pallas_kernels.blocks`).
 
     Returns:
       `o: [B, T, H, V]` in the dtype of `v`, and the float32 state `[B, H, K, V]` after each

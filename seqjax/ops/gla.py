@@ -16,7 +16,9 @@ Impls: `"reference"` (a token loop reading like the equations above), `"chunked"
 chunkwise-parallel engine of `seqjax.ops.chunked_linear_attention`, with a `custom_vjp` that
 stores only the chunk-entering states; what `"auto"` picks), and `"parallel"` (the quadratic
 masked form `O = ((Q K^T) * decay mask) V`, one chunk as long as the sequence, differentiated
-by JAX; for short sequences and as a second reference). The chunked impl supports reverse-mode
+by JAX; for short sequences and as a second reference), and `"pallas"` (the kernels of
+`pallas_kernels.gla`, see `seqjax.kernels`: what `"auto"` picks on TPU and GPU; packed
+segments fall back to `"chunked"`). The chunked and Pallas impls support reverse-mode
 differentiation only.
 """
 
@@ -28,13 +30,13 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from seqjax import checks
+from seqjax import checks, kernels
 from seqjax.ops import chunked_linear_attention as engine
 from seqjax.ops.common import reset, scan_tokens
 from seqjax.scan.linear_recurrence import accumulation_dtype
 
-GLAImpl = Literal["auto", "reference", "chunked", "parallel"]
-GLA_IMPLS: tuple[str, ...] = ("auto", "reference", "chunked", "parallel")
+GLAImpl = Literal["auto", "reference", "chunked", "parallel", "pallas"]
+GLA_IMPLS: tuple[str, ...] = ("auto", "reference", "chunked", "parallel", "pallas")
 DEFAULT_CHUNK_SIZE = 64
 # Added to linear attention's normalizer, as fla's `normalize_output` does.
 NORMALIZER_EPS = 1e-10
@@ -119,11 +121,18 @@ def _decay_and_state(log_decay, initial_state, k, v, acc):
 def _run(q, k, v, log_decay, scale, initial_state, segment_ids, impl, chunk_size):
     """Shared body: float32 (or wider) accumulation, scale on q, dispatch.
 
-    `log_decay: [B, T, H, G]` or None (no decay). `o` stays in the accumulation dtype."""
+    `log_decay: [B, T, H, G]` or None (no decay). `o` stays in the accumulation dtype, or is
+    in the dtype of `v` from the kernel."""
     key_dim = q.shape[-1]
+    scale = key_dim**-0.5 if scale is None else scale
+    # The kernel takes a per-head decay as [B, T, H] (G = 1 is the same recurrence either way).
+    per_head = log_decay is not None and log_decay.shape[-1] == 1
+    args = (q, k, v, log_decay[..., 0] if per_head else log_decay, initial_state)
+    kernel = kernels.choose("gla", impl, args, segment_ids)
+    if kernel is not None:
+        return kernel.gla(*args, scale=scale, chunk_size=None, **kernels.options())
     inputs = [q, k, v] + [x for x in (log_decay, initial_state) if x is not None]
     acc = accumulation_dtype(*(x.dtype for x in inputs))
-    scale = key_dim**-0.5 if scale is None else scale
     q, k, v = q.astype(acc) * scale, k.astype(acc), v.astype(acc)
     log_decay, initial_state = _decay_and_state(log_decay, initial_state, k, v, acc)
     if impl == "reference":
@@ -157,8 +166,10 @@ def linear_attention(
         `z_t = sum_{s <= t} k_s` (scale cancels); the state is then a `LinearAttentionState`.
       initial_state: `[B, H, K, V]` (a `LinearAttentionState` when normalizing); None: zeros.
       segment_ids: `[B, T]` ints; the state restarts at every new segment.
-      impl: `"reference"`, `"chunked"`, `"parallel"` or `"auto"` (`"chunked"`).
-      chunk_size: tokens per chunk of `"chunked"`.
+      impl: `"reference"`, `"chunked"`, `"parallel"`, `"pallas"` or `"auto"` (`"pallas"` on
+        TPU and GPU, else `"chunked"`).
+      chunk_size: tokens per chunk of `"chunked"` (the kernels take theirs from
+        `pallas_kernels.blocks`).
 
     Returns:
       `o: [B, T, H, V]` in the dtype of `v`, and the float32 state after each row's last token.

@@ -71,7 +71,8 @@ def prefix_linear_attention(
       scale: multiplies `q`; None means `K ** -0.5` (it cancels but for `eps`).
       initial_state: a `LinearAttentionState` `(S [B, H, K, V], z [B, H, K])`; None: zeros.
       segment_ids: `[B, T]` ints; each segment is its own sequence with its own prefix.
-      impl: `"reference"`, `"chunked"`, `"parallel"` or `"auto"` (`"chunked"`).
+      impl: `"reference"`, or an impl of `linear_attention` (`"chunked"`, `"parallel"`,
+        `"pallas"`, `"auto"`) for its three passes.
       chunk_size: tokens per chunk of `"chunked"`.
 
     Returns:

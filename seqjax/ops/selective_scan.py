@@ -22,12 +22,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from seqjax import checks
+from seqjax import checks, kernels
 from seqjax.ops.common import reset, scan_tokens, scan_tokens_chunked
 from seqjax.scan.linear_recurrence import accumulation_dtype
 
-SelectiveScanImpl = Literal["auto", "reference", "chunked"]
-SELECTIVE_SCAN_IMPLS: tuple[str, ...] = ("auto", "reference", "chunked")
+SelectiveScanImpl = Literal["auto", "reference", "chunked", "pallas"]
+SELECTIVE_SCAN_IMPLS: tuple[str, ...] = ("auto", "reference", "chunked", "pallas")
 
 # The chunked form is the token loop, rematerialized chunk by chunk. Timed on CPU (B=2, D=256,
 # N=16, T=4096, float32, jax 0.10.2, 2 cores; median of 5, forward / forward+backward): the
@@ -72,7 +72,9 @@ def selective_scan(
       segment_ids: `[B, T]` ints; the state restarts from zero at every new segment.
       impl: `"reference"` (a token loop), `"chunked"` (a scan over chunks of `chunk_size`
         tokens that recomputes each chunk in the backward pass, so neither pass holds the
-        `[B, T, D, N]` states), `"auto"` (= `"chunked"`).
+        `[B, T, D, N]` states), `"pallas"` (the kernels of `pallas_kernels.selective_scan`
+        with the state on chip, see `seqjax.kernels`; complex `A` and packed segments fall
+        back to `"chunked"`), `"auto"` (`"pallas"` on TPU and GPU, else `"chunked"`).
       chunk_size: chunk length of `"chunked"`.
 
     Returns:
@@ -88,6 +90,18 @@ def selective_scan(
     checks.check_positive("chunk_size", chunk_size)
     checks.check_values("A", jnp.real(A) <= 0, "Re(A) <= 0 (Mamba's A = -exp(A_log))")
     B, C = _grouped(B, grouped), _grouped(C, grouped)
+    h0 = initial_state
+    if h0 is None:
+        h0 = jnp.zeros((x.shape[0], x.shape[2], A.shape[1]), jnp.float32)
+    # `dt` stands in for the step `delta` (same shape) in the kernels' check of the call.
+    args = (x, dt, A, B, C, h0)
+    kernel = kernels.choose("selective_scan", impl, args, segment_ids)
+    if kernel is not None:
+        delta = discretized_step(dt, dt_bias, dt_softplus)
+        y, final = kernel.selective_scan(
+            x, delta, A, B, C, h0, allow_neg_eigval=allow_neg_eigval, **kernels.options()
+        )
+        return _skip_and_gate(y.astype(jnp.float32), x, D, z).astype(x.dtype), final
     arrays = _to_accumulation_dtype(
         dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, h0=initial_state)
     )

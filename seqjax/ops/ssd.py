@@ -59,7 +59,8 @@ def ssd(
       dt_softplus: apply `softplus` to `dt + dt_bias`; without it, `dt + dt_bias` must be
         `>= 0` (checked when concrete).
       segment_ids: `[B, T]` ints; the state restarts from zero at every new segment.
-      impl: `"reference"`, `"chunked"`, `"parallel"` or `"auto"`, as in `simple_gla`.
+      impl: `"reference"`, `"chunked"`, `"parallel"`, `"pallas"` or `"auto"`, as in
+        `simple_gla`.
       chunk_size: tokens per chunk of `"chunked"`.
 
     Returns:

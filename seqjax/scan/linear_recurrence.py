@@ -5,6 +5,8 @@ Three algorithms compute the same thing over axis 1 of `[B, T, ...]` arrays:
 - `"sequential"`: a loop over tokens; T dependent steps on `[B, ...]` slices.
 - `"associative"`: `lax.associative_scan` with `(a1, b1) . (a2, b2) = (a2 a1, a2 b1 + b2)`;
   about 2 log2(T) steps but O(T log T) work and memory.
+- `"pallas"`: the Pallas kernels of `pallas_kernels.linear_recurrence` (TPU and GPU; see
+  `seqjax.kernels`), for real inputs; other calls fall back to `"chunked"`.
 - `"chunked"`: the sequence is cut into chunks of `chunk_size` tokens. A loop over the C
   positions of a chunk runs on all chunks at once from a zero state and keeps each chunk's
   summary (decay product, end state); a short scan over the T / C summaries gives the state
@@ -29,10 +31,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from seqjax import checks
+from seqjax import checks, kernels
 
-ScanImpl = Literal["auto", "sequential", "associative", "chunked"]
-SCAN_IMPLS: tuple[str, ...] = ("auto", "sequential", "associative", "chunked")
+ScanImpl = Literal["auto", "sequential", "associative", "chunked", "pallas"]
+SCAN_IMPLS: tuple[str, ...] = ("auto", "sequential", "associative", "chunked", "pallas")
 DEFAULT_CHUNK_SIZE = 64
 
 
@@ -58,12 +60,13 @@ def resolve_impl(impl: ScanImpl) -> str:
     CPU: `"sequential"`. Its loop indexes `a`, `b` and `h` in place, so each step costs a few
     hundred nanoseconds beyond reading 3 arrays once; no other form reads and writes less
     memory, and `benchmarks/scan.py` measures it ahead of `"chunked"` (which reads `a` and `b`
-    twice) at every T from 1K to 64K. GPU and TPU: `"chunked"`, whose 2 C + T / C dependent
-    steps avoid T kernel launches (not yet measured on those backends).
+    twice) at every T from 1K to 64K. GPU and TPU: `"pallas"`, one kernel with the state on
+    chip (`"chunked"` where the kernel does not apply), as the issue of the kernels asks; not
+    yet measured on those backends.
     """
     if impl != "auto":
         return impl
-    return "sequential" if jax.default_backend() == "cpu" else "chunked"
+    return "pallas" if kernels.on_accelerator() else "sequential"
 
 
 def accumulation_dtype(*dtypes: jnp.dtype) -> jnp.dtype:
@@ -92,7 +95,8 @@ def linear_recurrence(
       segment_ids: `[B, T]` integers; the recurrence restarts from zero at every change of id
         (packed documents; the reset operator of S5 for in-context RL). `h0` seeds the first
         segment of each row (the last one when `reverse`).
-      impl: `"sequential"`, `"associative"`, `"chunked"`, or `"auto"` (see `resolve_impl`).
+      impl: `"sequential"`, `"associative"`, `"chunked"`, `"pallas"`, or `"auto"` (see
+        `resolve_impl`).
       chunk_size: tokens per chunk of the `"chunked"` impl.
 
     Returns:
@@ -122,14 +126,23 @@ def linear_recurrence(
 
     acc = accumulation_dtype(a.dtype, b.dtype, *([] if h0 is None else [h0.dtype]))
     out_dtype = jnp.promote_types(b.dtype, jnp.complex64) if jnp.iscomplexobj(a) else b.dtype
-    a, b = a.astype(acc), b.astype(acc)
     h0 = jnp.zeros((batch, *b.shape[2:]), acc) if h0 is None else h0.astype(acc)
     if segment_ids is not None:
         # The link into a segment's first token (its last, when reversed) is cut.
         changed = segment_ids[:, 1:] != segment_ids[:, :-1]
         cut = jnp.pad(changed, ((0, 0), (0, 1) if reverse else (1, 0)))
         a = jnp.where(cut.reshape(batch, length, *([1] * (b.ndim - 2))), jnp.zeros_like(a), a)
-    h, h_last = _recurrence(resolve_impl(impl), chunk_size, reverse, a, b, h0)
+    algorithm = resolve_impl(impl)
+    if algorithm == "pallas":
+        # The kernel reads the inputs in their own dtype (bfloat16 halves its traffic) and
+        # accumulates in float32; trailing feature axes are one axis to it.
+        flat = (a.reshape(batch, length, -1), b.reshape(batch, length, -1), h0.reshape(batch, -1))
+        kernel = kernels.choose("linear_recurrence", impl, flat)
+        if kernel is not None:
+            h, h_last = kernel.linear_recurrence(*flat, reverse=reverse, **kernels.options())
+            return h.reshape(b.shape), h_last.reshape(h0.shape)
+        algorithm = "chunked"
+    h, h_last = _recurrence(algorithm, chunk_size, reverse, a.astype(acc), b.astype(acc), h0)
     return h.astype(out_dtype), h_last
 
 

@@ -196,7 +196,7 @@ def test_a_token_leaves_the_memories_it_is_not_routed_to_untouched():
         (lambda: MoMConfig(WIDTH, num_memories=0), "num_memories"),
         (lambda: MoMConfig(WIDTH, memory="rwkv"), "memory"),
         (lambda: MoMConfig(WIDTH, impl="sorted"), "impl"),
-        (lambda: MoMConfig(WIDTH, op_impl="pallas"), "op_impl"),
+        (lambda: MoMConfig(WIDTH, op_impl="triton"), "op_impl"),
         (lambda: MoMConfig(WIDTH, head_dim=8, expand_v=0.3), "expand_v"),
         (lambda: MoMConfig(WIDTH, conv_size=0), "conv_size"),
         (lambda: MoMConfig(WIDTH, aux_loss_scale=-1.0), "aux_loss_scale"),

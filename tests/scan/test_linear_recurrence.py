@@ -121,4 +121,4 @@ def test_rejects_initial_state_of_wrong_shape():
 
 def test_rejects_unknown_impl():
     with pytest.raises(ValueError, match="impl: expected one of"):
-        linear_recurrence(jnp.ones((2, 3, 5)), jnp.ones((2, 3, 5)), impl="pallas")
+        linear_recurrence(jnp.ones((2, 3, 5)), jnp.ones((2, 3, 5)), impl="triton")

@@ -1,0 +1,59 @@
+"""What every kernel family shares: backends, compiler parameters, interpret mode, padding."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+Backend = Literal["tpu", "gpu"]
+BACKENDS: tuple[str, ...] = ("tpu", "gpu")
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+
+
+def interpret_params(backend: Backend, interpret: bool) -> bool | pltpu.InterpretParams:
+    """What `pallas_call(interpret=...)` takes: False to compile; when interpreting, the TPU
+    interpreter (which models TPU semantics: sequential grid, scratch persisting across grid
+    steps) for TPU kernels and the generic interpreter for GPU kernels."""
+    if not interpret:
+        return False
+    return pltpu.InterpretParams() if backend == "tpu" else True
+
+
+def tpu_params(*semantics: str, vmem_limit_bytes: int | None = None) -> pltpu.CompilerParams:
+    """Mosaic parameters: one of "parallel" / "arbitrary" per grid axis. The sequence axis is
+    last and the only "arbitrary" one, so a state carried in scratch sees the chunks in
+    order."""
+    return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=vmem_limit_bytes)
+
+
+def gpu_params(num_warps: int, num_stages: int) -> pltriton.CompilerParams:
+    """Triton parameters; passing them selects the Triton lowering (a plain `pallas_call`
+    would lower through Mosaic GPU on current JAX)."""
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def pad_axis(x: jax.Array, axis: int, multiple: int, value: float = 0.0) -> jax.Array:
+    """`x` padded at the end of `axis` to a multiple of `multiple`."""
+    excess = -x.shape[axis] % multiple
+    if excess == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, excess)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def next_power_of_2(n: int) -> int:
+    """Triton's block shapes are powers of 2: the smallest one >= n."""
+    return 1 << max(n - 1, 0).bit_length()
