@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from seqjax.nn.conv import ShortConvolution
-from seqjax.nn.layers import Initializer, dense
+from seqjax.nn.layers import Dense, Initializer, dense
 from seqjax.nn.matrix_state import recur
 from seqjax.nn.mixer import frozen, positive, require
 from seqjax.ops.mlstm import MLSTM_IMPLS, MLSTMState, mlstm, mlstm_step
@@ -94,15 +94,17 @@ class MultiHeadLayerNorm(nn.Module):
         return centered * jax.lax.rsqrt(variance + self.eps) * weight
 
 
-def gate_projection(heads: int, bias_init: Initializer, name: str) -> nn.DenseGeneral:
+def gate_projection(heads: int, bias_init: Initializer, name: str) -> Dense:
     """xLSTM's input or forget gate: `[q, k, v]` (stacked `[..., 3, E]`) to `[..., H]`, zero
-    weights, bias from `bias_init`, in float32."""
-    return nn.DenseGeneral(
+    weights, bias from `bias_init` (its input is float32)."""
+    return dense(
         heads,
+        (None, "mlp", "heads"),
+        name,
         axis=(-2, -1),
-        kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, "mlp", "heads")),
-        bias_init=nn.with_logical_partitioning(bias_init, ("heads",)),
-        name=name,
+        use_bias=True,
+        kernel_init=nn.initializers.zeros,
+        bias_init=bias_init,
     )
 
 

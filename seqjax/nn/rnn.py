@@ -267,11 +267,13 @@ class HeadwiseRNN(nn.Module):
         heads, head_dim = c.num_heads, c.cell_dim
         gates, _, op, step = CELLS[self.kind]
         init = symmetric_uniform((heads * head_dim) ** -0.5)
-        a = nn.DenseGeneral(
+        a = dense(
             (heads, gates, head_dim),
-            kernel_init=nn.with_logical_partitioning(init, ("embed", "heads", None, "kv")),
-            bias_init=nn.with_logical_partitioning(init, ("heads", None, "kv")),
-            name="input",
+            ("embed", "heads", None, "kv"),
+            "input",
+            use_bias=True,
+            kernel_init=init,
+            bias_init=init,
         )(x)
         R = recurrent_kernel(self, heads, gates, head_dim, init)
         extra = ()

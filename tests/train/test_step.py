@@ -5,9 +5,10 @@ import jax
 import numpy as np
 import optax
 import pytest
+from small_mixers import SMALL, WIDTH
 
 from seqjax.data import IGNORE
-from seqjax.models import LanguageModelConfig, build
+from seqjax.models import MIXERS, LanguageModelConfig, build
 from seqjax.parallel import make_mesh
 from seqjax.train.state import abstract_state, init_state
 from seqjax.train.step import compile_steps
@@ -82,3 +83,31 @@ def test_eval_sums_count_only_the_supervised_tokens(setup):
     np.testing.assert_allclose(sums["loss"], expected, rtol=1e-5)
     predictions = log_probs.argmax(-1)
     assert sums["correct"] == np.sum(supervised & (predictions == batch["targets"]))
+
+
+# The mixers whose input projections once had more kernel axis names than the flattened kernel
+# Flax's DenseGeneral initializes (an error only under a mesh with logical rules).
+REPRESENTATIVE_MIXERS = ("lstm", "mlstm")
+
+
+@pytest.mark.parametrize(
+    "mixer",
+    [m if m in REPRESENTATIVE_MIXERS else pytest.param(m, marks=pytest.mark.slow) for m in MIXERS],
+)
+def test_every_mixer_takes_a_train_step_on_a_mesh(mixer):
+    config = LanguageModelConfig(VOCAB, WIDTH, (mixer,), mixer_options=SMALL)
+    model, mesh = build(config), make_mesh()
+    schedule = optax.constant_schedule(1e-2)
+    tx = optax.adam(schedule)
+    _, shardings = abstract_state(model, tx, LENGTH, mesh)
+    state = init_state(model, tx, jax.random.key(0), LENGTH, shardings)
+    train, _ = compile_steps(model, tx, schedule, mesh, shardings)
+    inputs = np.random.default_rng(0).integers(0, VOCAB, (BATCH, LENGTH)).astype(np.int32)
+    batch = {
+        "inputs": inputs,
+        "targets": np.roll(inputs, -1, axis=1),
+        "segment_ids": np.ones((BATCH, LENGTH), np.int32),
+        "positions": np.tile(np.arange(LENGTH, dtype=np.int32), (BATCH, 1)),
+    }
+    state, metrics = train(state, batch)
+    assert np.isfinite(float(metrics["loss"])) and int(state.step) == 1
