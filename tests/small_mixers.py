@@ -28,6 +28,7 @@ SMALL = {
     "diagonal_lrnn": {"allow_neg_eigval": True},
     "mlstm": {"num_heads": 2, "chunk_size": 8},
     "slstm": {"num_heads": 2},
+    "ngram": {},
     "lstm": {"num_heads": 2},
     "gru": {"num_heads": 2},
     "mom": {"num_heads": 2, "head_dim": 16, "chunk_size": 8},

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from seqjax.data.copying import Copying, InductionHeads, SelectiveCopying
+from seqjax.data.forecasting import NoisySinusoids
 from seqjax.data.recall import MQAR, Passkey, SetDisjointness
 from seqjax.data.regbench import RegBench
 from seqjax.data.source import IGNORE
@@ -38,6 +39,7 @@ TASKS: dict[str, type] = {
     "stdlib_text": StdlibCorpus,
     "tfds_text": TFDSText,
     "stored_task": StoredTask,
+    "noisy_sinusoids": NoisySinusoids,
 }
 
 

@@ -54,6 +54,7 @@ from seqjax.nn.mamba2 import Mamba2, Mamba2Config
 from seqjax.nn.mixer import frozen, positive, require
 from seqjax.nn.mlstm import MLSTM, MLSTMConfig
 from seqjax.nn.mom import MoM, MoMConfig
+from seqjax.nn.ngram import Ngram, NgramConfig
 from seqjax.nn.retnet import RetNet, RetNetConfig
 from seqjax.nn.rg_lru import RGLRU, RGLRUConfig
 from seqjax.nn.rnn import GRU, LSTM, SLSTM, GRUConfig, LSTMConfig, SLSTMConfig
@@ -89,6 +90,7 @@ MIXERS: dict[str, tuple[type, type]] = {
     "lstm": (LSTMConfig, LSTM),
     "gru": (GRUConfig, GRU),
     "mom": (MoMConfig, MoM),
+    "ngram": (NgramConfig, Ngram),
 }
 # Mixers whose paper block has no MLP after the mixer.
 WITHOUT_MLP: frozenset[str] = frozenset(

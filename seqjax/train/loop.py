@@ -212,6 +212,27 @@ def make_optimizer(
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Trains (or resumes) the run of `config` in `workdir`; returns the final summary, also
     written to `workdir/summary.json`."""
+    return fit(config, workdir)[1]
+
+
+def evaluate_params(config: ml_collections.ConfigDict, params) -> dict[str, float]:
+    """Held-out metrics of `params` on the eval source of `config.data`, as the loop computes
+    them: e.g. a trained model's at another length (set `config.data.length` and the task's
+    options first)."""
+    validate(config)
+    _, eval_source = sources(config)
+    model = build(model_config(config, eval_source.vocab_size))
+    mesh = make_mesh(**config.mesh.to_dict())
+    check_batch(config, mesh)
+    tx, schedule = make_optimizer(config)
+    _, shardings = abstract_state(model, tx, config.data.length, mesh)
+    _, evaluate_step = compile_steps(model, tx, schedule, mesh, shardings)
+    return evaluate(evaluate_step, params, config, eval_source, batch_sharding(mesh))
+
+
+def fit(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Any, dict[str, Any]]:
+    """`train`, returning the final `TrainState` beside the summary (for scripts that go on
+    to use the trained model)."""
     validate(config)
     workdir = Path(workdir)
     train_source, eval_source = sources(config)
@@ -295,4 +316,4 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     }
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return state, summary

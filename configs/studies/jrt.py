@@ -1,0 +1,53 @@
+"""Study 3, just read twice (`experiments/jrt.py`).
+
+    python -m experiments.jrt                                     # default: the CPU protocol
+    python -m experiments.jrt --config=configs/studies/jrt.py:quick
+
+`full` follows the paper's synthetic setting as far as PAPERS.md records it (B.1.6, B.3):
+MQAR at Zoology's vocabulary 8192 with T = 256 and 16 pairs read once or twice, set
+disjointness with sets of 16 and 64 elements, two-layer models of width 128 with Based's
+feature dimension 16; the paper's own SD generator and sizes were not published in code, so
+ours is `seqjax.data.recall.SetDisjointness`. `default` shrinks it for a 2-core CPU: width
+64, vocabulary 256, T = 64 with 8 pairs, sets of 8 and 24 elements, 600 steps of batch 32.
+`quick` only exercises the script.
+"""
+
+import ml_collections
+
+
+def get_config(size: str = "default") -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.size = size
+    config.tasks = ("mqar", "set_disjointness")
+    config.models = ("based", "jrt_rnn", "attention")
+    config.mqar = ml_collections.ConfigDict(dict(vocab_size=256, length=64, num_kv_pairs=8))
+    config.sd = ml_collections.ConfigDict(dict(vocab_size=256, small_set=8, large_set=24))
+    config.width = 64
+    config.num_layers = 2
+    config.num_heads = 2
+    config.feature_dim = 16
+    config.learning_rate = 3e-3
+    config.train_steps = 600
+    config.batch_size = 32
+    config.train_examples = 100_000
+    config.eval_batches = 16
+    if size == "quick":
+        config.models = ("jrt_rnn",)
+        config.mqar.update(vocab_size=64, length=24, num_kv_pairs=2)
+        config.sd.update(vocab_size=64, small_set=2, large_set=6)
+        config.width = 16
+        config.num_layers = 1
+        config.feature_dim = 4
+        config.train_steps = 3
+        config.batch_size = 8
+        config.eval_batches = 1
+    elif size == "full":
+        config.mqar.update(vocab_size=8192, length=256, num_kv_pairs=16)
+        config.sd.update(vocab_size=8192, small_set=16, large_set=64)
+        config.width = 128
+        config.train_steps = 10_000
+        config.batch_size = 256
+        config.train_examples = config.train_steps * config.batch_size
+        config.eval_batches = 12
+        config.mesh = ml_collections.ConfigDict({"data": -1})
+    return config
