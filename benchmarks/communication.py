@@ -45,9 +45,11 @@ from seqjax.parallel.scans import sequence_parallel_linear_recurrence
 DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "f64": 8, "c64": 8}
 COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "reduce-scatter", "all-reduce")
 # `%all_gather.3 = f32[8,2,64]{2,1,0} all-gather(%operand), ...`; an all-to-all's result is a
-# tuple of its P pieces (whose text holds `/*index=5*/` comments).
+# tuple of its P pieces (whose text holds `/*index=5*/` comments). Accelerators split a
+# collective into `<op>-start` and `<op>-done`; the start's result is a tuple that also holds
+# the operand, the done's is the collective's own result, so the done is the one counted.
 INSTRUCTION = re.compile(
-    r"^\s*(?:ROOT )?%\S+ = (?P<result>.*?) (?P<op>" + "|".join(COLLECTIVES) + r")\("
+    r"^\s*(?:ROOT )?%\S+ = (?P<result>.*?) (?P<op>" + "|".join(COLLECTIVES) + r")(?:-done)?\("
 )
 COMPUTATION = re.compile(r"^(?:ENTRY )?%(?P<name>\S+) .*\{$")
 WHILE_LOOP = re.compile(

@@ -38,9 +38,9 @@ line, or `run_study` inside a test) may already have started it with one device.
 always measures in a child Python process whose `XLA_FLAGS` ask for `config.devices` host
 devices (`--xla_force_host_platform_device_count`), and reads its rows back from a file; the
 calling process never needs more than its own devices. With `config.platform = "default"` the
-child uses the accelerators instead (the `full` size, on a GPU or TPU host with P chips); a
-step in which `received_bytes` finds no collective (an accelerator's asynchronous `*-start`
-collectives, which it does not read) fails rather than report zero bytes.
+child uses the accelerators instead (the `full` size, on a GPU or TPU host with P chips);
+`received_bytes` counts an accelerator's asynchronous collectives by their `*-done` halves, and
+a step in which it finds no collective at all fails rather than report zero bytes.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from benchmarks.communication import received_bytes
+from benchmarks.communication import COLLECTIVES, received_bytes
 from experiments.study import (
     Row,
     Study,
@@ -220,8 +220,8 @@ def measure_cell(
     collectives = received_bytes(sharded.as_text(), config.devices)
     if not collectives:
         raise RuntimeError(
-            f"{method}: no collective found in the compiled step; `received_bytes` reads the "
-            f"synchronous collectives of the HLO, and this backend's may be asynchronous"
+            f"{method}: no collective found in the compiled step; `received_bytes` reads "
+            f"{', '.join(COLLECTIVES)} and their asynchronous `-done` halves"
         )
     return dict(
         method=method,

@@ -13,9 +13,11 @@ Backend = Literal["tpu", "gpu"]
 BACKENDS: tuple[str, ...] = ("tpu", "gpu")
 
 
-def check_backend(backend: str) -> None:
+def unknown_backend(backend: str) -> str | None:
+    """The reason every family's `unsupported` gives for a backend with no kernels, or None."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        return f"backend: expected one of {BACKENDS}, got {backend!r}"
+    return None
 
 
 def interpret_params(backend: Backend, interpret: bool) -> bool | pltpu.InterpretParams:

@@ -86,8 +86,8 @@ class _Config:
 
 def unsupported(q, k, v, beta, g, h0, backend) -> str | None:
     """Why the kernels cannot run this call (one line), or None when they can."""
-    if backend not in common.BACKENDS:
-        return f"backend {backend!r} is not one of {common.BACKENDS}"
+    if reason := common.unknown_backend(backend):
+        return reason
     arrays = {"q": q, "k": k, "v": v, "beta": beta, "g": g, "h0": h0}
     for name, x in arrays.items():
         if x is not None and jnp.dtype(x.dtype) not in DTYPES:

@@ -87,7 +87,8 @@ class Config:
 
 def unsupported(q, k, v, g, h0, backend: str) -> str | None:
     """A one-line reason the kernels do not cover these inputs, or None when they do."""
-    common.check_backend(backend)
+    if reason := common.unknown_backend(backend):
+        return reason
     if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
         return (
             "gla kernel: expected q, k [B, T, H, K] and v [B, T, H, V], got "

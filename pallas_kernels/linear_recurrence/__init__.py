@@ -55,8 +55,8 @@ _KERNELS = {"tpu": tpu.linear_recurrence, "gpu": gpu.linear_recurrence}
 
 def unsupported(a: jax.Array, b: jax.Array, h0: jax.Array, backend: str) -> str | None:
     """A one-line reason why the kernels do not cover these inputs, or None when they do."""
-    if backend not in common.BACKENDS:
-        return f"backend: expected one of {common.BACKENDS}, got {backend!r}"
+    if reason := common.unknown_backend(backend):
+        return reason
     for name, x in (("a", a), ("b", b)):
         if x.dtype not in SUPPORTED_DTYPES:
             return f"{name}: dtype {x.dtype} is not float32 or bfloat16 (complex, float64)"

@@ -78,8 +78,8 @@ class ScanConfig:
 
 def unsupported(x, delta, A, B, C, h0, backend) -> str | None:
     """A one-line reason why the kernels do not cover these inputs, or None when they do."""
-    if backend not in common.BACKENDS:
-        return f"backend: expected one of {common.BACKENDS}, got {backend!r}"
+    if reason := common.unknown_backend(backend):
+        return reason
     arrays = dict(x=x, delta=delta, A=A, B=B, C=C, h0=h0)
     for name, array in arrays.items():
         dtype = jnp.dtype(array.dtype)

@@ -90,13 +90,17 @@ def selective_scan(
     checks.check_positive("chunk_size", chunk_size)
     checks.check_values("A", jnp.real(A) <= 0, "Re(A) <= 0 (Mamba's A = -exp(A_log))")
     B, C = _grouped(B, grouped), _grouped(C, grouped)
+    state_shape = (x.shape[0], x.shape[2], A.shape[1])
     h0 = initial_state
     if h0 is None:
-        h0 = jnp.zeros((x.shape[0], x.shape[2], A.shape[1]), jnp.float32)
+        # Only its shape and dtype are checked; the zeros are made if a kernel runs.
+        h0 = jax.ShapeDtypeStruct(state_shape, jnp.float32)
     # `dt` stands in for the step `delta` (same shape) in the kernels' check of the call.
     args = (x, dt, A, B, C, h0)
     kernel = kernels.choose("selective_scan", impl, args, segment_ids)
     if kernel is not None:
+        if initial_state is None:
+            h0 = jnp.zeros(state_shape, jnp.float32)
         delta = discretized_step(dt, dt_bias, dt_softplus)
         y, final = kernel.selective_scan(
             x, delta, A, B, C, h0, allow_neg_eigval=allow_neg_eigval, **kernels.options()
@@ -106,7 +110,7 @@ def selective_scan(
         dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, h0=initial_state)
     )
     if arrays["h0"] is None:
-        arrays["h0"] = jnp.zeros((x.shape[0], x.shape[2], A.shape[1]), arrays["A"].dtype)
+        arrays["h0"] = jnp.zeros(state_shape, arrays["A"].dtype)
     options = dict(dt_softplus=dt_softplus, allow_neg_eigval=allow_neg_eigval)
     if impl == "reference":
         y, final = _selective_scan_reference(**arrays, segment_ids=segment_ids, **options)

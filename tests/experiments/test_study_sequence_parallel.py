@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from benchmarks.communication import received_bytes
 from experiments import sequence_parallel
 from experiments.study import load_config, run_study
 
@@ -41,3 +42,23 @@ def test_run_measures_lasp2_on_eight_devices_from_a_one_device_process():
     # LASP-2: one all-gather of the shard states forward, its transpose backward, and the
     # all-reduce that replicates the final state (and the initial state's gradient).
     assert row["collectives"] == "all-gather x1, all-reduce x1, reduce-scatter x1"
+
+
+def test_received_bytes_counts_synchronous_and_asynchronous_collectives():
+    """An accelerator's `-start`/`-done` pair counts once, by the done's result (the start's
+    tuple also holds the operand); a loop body counts once per trip."""
+    hlo = """
+%body (p: f32[4]) -> f32[4] {
+  %cps = (f32[4]{0}, f32[4]{0}, u32[], u32[]) collective-permute-start(f32[4]{0} %x)
+  ROOT %cpd = f32[4]{0} collective-permute-done((f32[4]{0}, f32[4]{0}, u32[], u32[]) %cps)
+}
+
+ENTRY %main (p: f32[2,64]) -> f32[8,2,64] {
+  %ags = (f32[2,64]{1,0}, f32[8,2,64]{2,1,0}) all-gather-start(f32[2,64]{1,0} %p)
+  %agd = f32[8,2,64]{2,1,0} all-gather-done((f32[2,64]{1,0}, f32[8,2,64]{2,1,0}) %ags)
+  %ag = bf16[8,2,64]{2,1,0} all-gather(bf16[2,64]{1,0} %q), dimensions={0}
+  %w = f32[4]{0} while(f32[4]{0} %x), body=%body, backend_config={"known_trip_count":{"n":"3"}}
+}
+"""
+    gathered = 8 * 2 * 64 * (4 + 2) * 7 / 8
+    assert received_bytes(hlo, 8) == {"all-gather": (2, gathered), "collective-permute": (3, 48)}

@@ -11,6 +11,10 @@ import jax.numpy as jnp
 import pytest
 from contract import assert_trees_close
 
+import pallas_kernels.delta_rule
+import pallas_kernels.gla
+import pallas_kernels.linear_recurrence
+import pallas_kernels.selective_scan
 from seqjax.ops.delta_rule import gated_delta_rule
 from seqjax.ops.gla import gla, linear_attention
 from seqjax.ops.hgrn import hgrn
@@ -123,3 +127,22 @@ def test_packed_segments_fall_back_with_the_reason():
         o, state = linear_attention(q, k, v, segment_ids=segment_ids, impl="pallas")
     expected = linear_attention(q, k, v, segment_ids=segment_ids, impl="reference")
     assert_trees_close((o, state), expected, 2e-5, "fallback")
+
+
+def test_every_family_answers_an_unknown_backend_with_a_reason():
+    """`unsupported` is how `seqjax.kernels` decides to fall back: it returns the reason for a
+    backend without kernels rather than raising, in every family alike."""
+    reasons = [
+        pallas_kernels.linear_recurrence.unsupported(None, None, None, "cpu"),
+        pallas_kernels.gla.unsupported(None, None, None, None, None, "cpu"),
+        pallas_kernels.delta_rule.unsupported(None, None, None, None, None, None, "cpu"),
+        pallas_kernels.selective_scan.unsupported(None, None, None, None, None, None, "cpu"),
+    ]
+    assert all(reason.startswith("backend:") for reason in reasons), reasons
+
+
+@pytest.mark.slow
+def test_selective_scan_without_an_initial_state_reaches_the_kernel():
+    run, (x, dt, A, Bm, Cm, D, z, dt_bias, _) = selective_scan_case()
+    expected = run("reference", x, dt, A, Bm, Cm, D, z, dt_bias, None)
+    assert_trees_close(run("pallas", x, dt, A, Bm, Cm, D, z, dt_bias, None), expected, 2e-5, "h0")
