@@ -13,6 +13,10 @@ see `seqjax.nn.feature_map`): normalized linear attention with learned maps
 
     y_i = sum_{j <= i} phi_q(q_i) . phi_k(k_j) v_j / (sum_{j <= i} phi_q(q_i) . phi_k(k_j))
 
+`feature_map="elu_plus_one"` puts the fixed map `phi(x) = elu(x) + 1` (Katharopoulos et al.,
+"Transformers are RNNs") in place of the learned ones: the naive swap of softmax for linear
+attention that the linearization papers compare against, with no new parameters.
+
 LoLCATs (Zhang et al., "LoLCATs: On Low-Rank Linearizing of Large Language Models";
 lolcats `src/model/linear_attention/linear_window_attention_tk.py`): the same maps, plus
 softmax attention over the last `window` (64) tokens weighed by a learned per-head factor
@@ -54,6 +58,7 @@ from seqjax.nn.layers import dense, rotary
 from seqjax.nn.matrix_state import recur
 from seqjax.nn.mixer import default_positions, divides, frozen, positive, require
 from seqjax.ops.attention import KVCache, init_kv_cache, softmax_attention_step
+from seqjax.ops.feature_maps import elu_plus_one
 from seqjax.ops.gla import GLA_IMPLS, LinearAttentionState, gla_step, linear_attention_step
 from seqjax.ops.hybrid_attention import (
     HYBRID_IMPLS,
@@ -66,6 +71,8 @@ from seqjax.parallel.dispatch import gla, linear_attention, softmax_attention
 
 # LoLCATs' `init_window_factor`: sigmoid(-2.197) = 0.1.
 LOLCATS_WINDOW_FACTOR_INIT = -2.1972245773362196
+# Hedgehog's maps of q and k: the learned ones, or the fixed `elu(x) + 1`.
+HEDGEHOG_FEATURE_MAPS = ("hedgehog", "elu_plus_one")
 
 
 class AttentionShape:
@@ -99,9 +106,10 @@ class AttentionShape:
 
 @frozen
 class HedgehogConfig(AttentionShape):
-    """Attention's fields, the feature maps' `feature_dim` (F; the maps give 2F features),
-    `feature_bias` and `identity_init` (`seqjax.nn.feature_map`), and the linear-attention
-    `impl` and `chunk_size`."""
+    """Attention's fields, the `feature_map` (`HEDGEHOG_FEATURE_MAPS`), the learned maps'
+    `feature_dim` (F; they give 2F features), `feature_bias` and `identity_init`
+    (`seqjax.nn.feature_map`; unused by `"elu_plus_one"`), and the linear-attention `impl` and
+    `chunk_size`."""
 
     width: int
     num_heads: int = 8
@@ -111,13 +119,24 @@ class HedgehogConfig(AttentionShape):
     feature_dim: int = 64
     feature_bias: bool = False
     identity_init: bool = False
+    feature_map: str = "hedgehog"
     impl: str = "auto"
     chunk_size: int = 64
 
     def __post_init__(self):
         self.check_attention_shape()
         positive(self, "feature_dim", "chunk_size")
+        require(
+            self.feature_map in HEDGEHOG_FEATURE_MAPS,
+            "feature_map",
+            f"expected one of {HEDGEHOG_FEATURE_MAPS}",
+        )
         require(self.impl in GLA_IMPLS, "impl", f"expected one of {GLA_IMPLS}")
+
+    @property
+    def features(self) -> int:
+        """The width of phi(q) and phi(k): 2F for the learned maps, K for elu + 1."""
+        return 2 * self.feature_dim if self.feature_map == "hedgehog" else self.key_dim
 
 
 @frozen
@@ -169,8 +188,8 @@ class LigerConfig(AttentionShape):
 
 
 class HedgehogCache(NamedTuple):
-    """`state`: the normalized linear attention's `(S [B, H, 2F, K], z [B, H, 2F])`;
-    `position: [B]` int32, the next token's rotary position."""
+    """`state`: the normalized linear attention's `(S [B, H, F', K], z [B, H, F'])`, F' the
+    config's `features`; `position: [B]` int32, the next token's rotary position."""
 
     state: LinearAttentionState
     position: jax.Array
@@ -266,7 +285,10 @@ class Hedgehog(nn.Module):
     ) -> tuple[jax.Array, HedgehogCache]:
         c = self.config
         q, k, v, positions = rotated_heads(x, segment_ids, positions, cache, c)
-        phi_q, phi_k = feature_maps(q, k, c)
+        if c.feature_map == "elu_plus_one":
+            phi_q, phi_k = elu_plus_one(q), elu_plus_one(k)
+        else:
+            phi_q, phi_k = feature_maps(q, k, c)
         # The normalizer cancels the scale.
         op = functools.partial(linear_attention, normalize=True, scale=1.0)
         step = functools.partial(linear_attention_step, normalize=True, scale=1.0)
@@ -278,10 +300,9 @@ class Hedgehog(nn.Module):
     def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32) -> HedgehogCache:
         del max_length, dtype  # the state does not grow; it is float32
         c = self.config
-        features = 2 * c.feature_dim
         state = LinearAttentionState(
-            jnp.zeros((batch_size, c.num_heads, features, c.key_dim), jnp.float32),
-            jnp.zeros((batch_size, c.num_heads, features), jnp.float32),
+            jnp.zeros((batch_size, c.num_heads, c.features, c.key_dim), jnp.float32),
+            jnp.zeros((batch_size, c.num_heads, c.features), jnp.float32),
         )
         return HedgehogCache(state, jnp.zeros((batch_size,), jnp.int32))
 

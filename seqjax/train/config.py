@@ -19,8 +19,19 @@ defaults are locked, so a misspelt override fails at parse time instead of being
                           it, not on the number of hosts reading them
     model                 the fields of `seqjax.models.LanguageModelConfig` but vocab_size,
                           which comes from the data
-    optimizer             AdamW with warmup and decay, clipping, weight-decay mask
+    optimizer             AdamW with warmup and decay, clipping, weight-decay mask;
+                          optimizer.frozen: regular expressions of the parameters' '/'-joined
+                          paths that are not trained (`seqjax.train.optimizer`)
     train                 steps, accumulation, logging, evaluation and checkpoint cadence
+    train.max_seconds     a wall-clock budget for training (0 or None: none): the run stops
+                          after the step during which it runs out, then evaluates and saves
+                          as at the last step. The clock counts train steps only, from the end
+                          of the run's first step (which compiles) and without evaluations and
+                          checkpoint saves; a resumed run starts it again. The learning-rate
+                          schedule still runs over train.steps: set the steps from a measured
+                          throughput, steps = max_seconds * tokens_per_second / (batch_size *
+                          length) (Languini's protocol), so that the schedule completes and
+                          the budget is only the safety net
     mesh                  data x fsdp x tensor x sequence (-1: the remaining devices);
                           sequence > 1 splits every row's time axis over that many devices,
                           and the mixers run the sequence-parallel forms of their ops
@@ -32,7 +43,7 @@ from __future__ import annotations
 import ml_collections
 
 from seqjax.data.pipeline import PACKINGS as ROW_PACKINGS
-from seqjax.train.optimizer import DECAYS
+from seqjax.train.optimizer import DECAYS, compile_patterns
 
 PACKINGS = (*ROW_PACKINGS, "decompose")
 
@@ -76,6 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.optimizer.warmup_steps = 100
     config.optimizer.decay = "cosine"
     config.optimizer.final_fraction = 0.1
+    config.optimizer.frozen = ()
 
     config.train = ml_collections.ConfigDict()
     config.train.steps = 1000
@@ -86,6 +98,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.train.checkpoint_every = 200
     config.train.keep_checkpoints = 2
     config.train.best_metric = "eval/loss"
+    config.train.max_seconds = 0.0
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1
@@ -140,11 +153,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail("optimizer.weight_decay", f"expected >= 0, got {config.optimizer.weight_decay!r}")
     if not 0 <= config.optimizer.final_fraction <= 1:
         _fail("optimizer.final_fraction", "expected a fraction in [0, 1]")
+    compile_patterns(config.optimizer.frozen, "config.optimizer.frozen")
     if not 0 <= config.optimizer.warmup_steps <= config.train.steps:
         _fail(
             "optimizer.warmup_steps",
             f"expected 0 <= warmup_steps <= train.steps = {config.train.steps}, "
             f"got {config.optimizer.warmup_steps!r}",
+        )
+    max_seconds = config.train.max_seconds
+    if max_seconds is not None and (
+        not isinstance(max_seconds, int | float)
+        or isinstance(max_seconds, bool)
+        or not 0 <= max_seconds < float("inf")
+    ):
+        _fail(
+            "train.max_seconds",
+            f"expected finite seconds >= 0 (0 or None: no budget), got {max_seconds!r}",
         )
     if config.data.worker_count < 0:
         _fail("data.worker_count", f"expected >= 0, got {config.data.worker_count!r}")

@@ -1,7 +1,7 @@
 """The training loop: config in, trained and checkpointed model out, on one device or a mesh.
 
     state = restore(workdir) or init(config)
-    while step < train.steps:
+    while step < train.steps and the time budget (train.max_seconds) lasts:
         batch = next(data)                      # this host's rows of the global batch
         state, metrics = train_step(state, batch)
         log / evaluate / checkpoint on their cadence
@@ -10,6 +10,17 @@
 Restarting with the same workdir continues from the last checkpoint: parameters, optimizer
 state and the data iterator's position, so the run sees the same batches as an uninterrupted
 one. SIGTERM (a preempted job) saves a checkpoint at the current step and returns cleanly.
+
+Time is training time (`TrainClock`): the train steps of this call but its first, which
+compiles, without evaluations and checkpoint saves. Every train record of the metrics carries
+`seconds` (that time so far) and `tokens_seen` (`step * batch_size * length`, padding
+included), and every evaluation has a train record at its step, so that loss can be drawn
+against time and tokens; `step_time` and `tokens_per_second` are over the steps since the
+previous record. A budget (`train.max_seconds`) stops training after the step during which it
+runs out, which is then evaluated and saved as the last step would be. The learning-rate
+schedule runs over `train.steps` regardless: Languini's protocol sets the steps from a
+measured throughput so that the schedule completes within the budget, which is then only
+the safety net.
 """
 
 from __future__ import annotations
@@ -144,6 +155,31 @@ class Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
+class TrainClock:
+    """The training wall time of one `fit` call: the time of its train steps but the first
+    (which compiles the train step), without evaluations and checkpoint saves.
+
+    Steps run asynchronously, so `lap` waits for the latest step before reading the time: the
+    time since the clock last (re)started then holds every step up to it and nothing else.
+    `resume` restarts the clock after the bookkeeping that follows a lap."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._since: float | None = None
+
+    def lap(self, metrics: Any) -> None:
+        """Waits for the step that returned `metrics`, then adds the time since the clock
+        (re)started; the first lap, after the compiling step, only starts it."""
+        jax.block_until_ready(metrics)
+        now = time.perf_counter()
+        if self._since is not None:
+            self.seconds += now - self._since
+        self._since = now
+
+    def resume(self) -> None:
+        self._since = time.perf_counter()
+
+
 def evaluate(evaluate_step, params, config, eval_source, sharding) -> dict:
     """Mean loss, accuracy (and RegBench's validity) over `train.eval_batches` held-out
     batches, the same batches at every evaluation."""
@@ -204,6 +240,7 @@ def make_optimizer(
         b2=opt.b2,
         eps=opt.eps,
         clip_norm=opt.clip_norm,
+        frozen=tuple(opt.frozen),
         **schedule_args,
     )
     return tx, learning_rate_schedule(peak=opt.learning_rate, **schedule_args)
@@ -232,7 +269,10 @@ def evaluate_params(config: ml_collections.ConfigDict, params) -> dict[str, floa
 
 def fit(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Any, dict[str, Any]]:
     """`train`, returning the final `TrainState` beside the summary (for scripts that go on
-    to use the trained model)."""
+    to use the trained model). The summary holds the `steps` reached, the training `seconds`
+    of this call (compilation, evaluation and saving excluded; see the module docstring),
+    `tokens_seen`, whether the time budget stopped training early (`stopped_by_budget`), and
+    the last train and eval metrics."""
     validate(config)
     workdir = Path(workdir)
     train_source, eval_source = sources(config)
@@ -265,25 +305,38 @@ def fit(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Any, di
         state, _ = restored
     start = step = int(state.step)
     tokens_per_step = config.data.batch_size * length
-    eval_metrics, last, stop = {}, {}, False
+    budget = config.train.max_seconds or None
+    cadences = (config.train.log_every, config.train.eval_every, config.train.checkpoint_every)
+    eval_metrics, last, stop, out_of_time = {}, {}, False, False
+    clock, logged_seconds, logged_steps = TrainClock(), 0.0, 0
     preemption = Preemption()
     writer = MetricsWriter(workdir, total_steps=steps, log_every=config.train.log_every)
     try:
-        window_start, window_steps = time.perf_counter(), 0
-        while step < steps and not stop:
+        while step < steps and not stop and not out_of_time:
             # Read once: a signal during this step stops the loop after this step's save.
             stop = preemption.requested
             state, metrics = train_step(state, to_global(next(data), data_sharding))
             step += 1
-            window_steps += 1
-            if step % config.train.log_every == 0 or step == steps:
+            timed_steps = step - start - 1  # the first step compiles: the clock starts after it
+            on_cadence = any(step % every == 0 for every in cadences)
+            lap = budget is not None or not timed_steps or on_cadence or step == steps or stop
+            if lap:
+                clock.lap(metrics)
+            out_of_time = budget is not None and clock.seconds >= budget
+            final = step == steps or out_of_time
+            evaluated = step % config.train.eval_every == 0 or final
+            # Every evaluation has a train record at its step: its time and tokens seen.
+            if step % config.train.log_every == 0 or evaluated:
                 last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                elapsed = time.perf_counter() - window_start
-                last["step_time"] = elapsed / window_steps
-                last["tokens_per_second"] = tokens_per_step * window_steps / elapsed
+                if timed_steps > logged_steps:
+                    last["step_time"] = (clock.seconds - logged_seconds) / (
+                        timed_steps - logged_steps
+                    )
+                    last["tokens_per_second"] = tokens_per_step / last["step_time"]
+                last["seconds"] = clock.seconds
+                last["tokens_seen"] = step * tokens_per_step
                 writer.write(step, last)
-                window_start, window_steps = time.perf_counter(), 0
-            evaluated = step % config.train.eval_every == 0 or step == steps
+                logged_seconds, logged_steps = clock.seconds, timed_steps
             if evaluated:
                 eval_metrics = evaluate_now(state.params)
                 writer.write(step, eval_metrics, prefix="eval")
@@ -292,8 +345,10 @@ def fit(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Any, di
                 state,
                 data_iterator=data,
                 metrics={f"eval/{k}": v for k, v in eval_metrics.items()} if evaluated else None,
-                force=step == steps or stop,
+                force=final or stop,
             )
+            if lap:
+                clock.resume()
         if not eval_metrics and not stop:
             # Resumed at the last step: report the model it holds.
             eval_metrics = evaluate_now(state.params)
@@ -307,6 +362,9 @@ def fit(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Any, di
         "steps": step,
         "started_at_step": start,
         "preempted": stop,
+        "stopped_by_budget": out_of_time and step < steps,
+        "seconds": clock.seconds,
+        "tokens_seen": step * tokens_per_step,
         "train": last,
         "eval": eval_metrics,
         "parameters": int(sum(x.size for x in jax.tree.leaves(abstract.params))),

@@ -10,11 +10,16 @@ weight decay only where it regularizes (`weight_decay_mask`).
 
 with `W = warmup_steps`, `N = total_steps`, `final = final_fraction * peak`. Gradient
 accumulation is the train step's (it sums micro-batch gradients before one update).
+
+Frozen parameters (`frozen`: regular expressions searched in each parameter's '/'-joined path,
+e.g. `backbone/groups_0/block_0/mixer/q/kernel`) get zero updates: no step, no weight decay,
+and their gradients count neither in the clipping norm nor in Adam's moments.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, get_args
 
 import flax.linen as nn
@@ -119,6 +124,54 @@ def _key_name(key: Any) -> str:
     return str(key)
 
 
+def _is_box(x: Any) -> bool:
+    return isinstance(x, nn.Partitioned)
+
+
+def path_name(path: tuple) -> str:
+    """A tree path as its keys joined by '/': `backbone/groups_0/block_0/mixer/q/kernel`."""
+    return "/".join(_key_name(key) for key in path)
+
+
+def compile_patterns(patterns: Sequence[str], argument: str) -> list[re.Pattern]:
+    """`patterns` (a list or tuple of strings) compiled; a ValueError naming `argument` if one
+    is not a regular expression."""
+    if not isinstance(patterns, list | tuple):
+        raise ValueError(f"{argument}: expected a tuple of regular expressions, got {patterns!r}")
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except (re.error, TypeError) as error:
+            message = f"{argument}: {pattern!r} is not a regular expression ({error})"
+            raise ValueError(message) from None
+    return compiled
+
+
+def frozen_labels(params: Any, frozen: Sequence[str]) -> Any:
+    """`"frozen"` where a regular expression of `frozen` is found in the parameter's path
+    (`path_name`, `re.search`), else `"trained"`, in a tree shaped like `params` (boxes kept, as
+    in `weight_decay_mask`). A pattern that is not an expression or matches no parameter is a
+    ValueError naming `optimizer.frozen`."""
+    leaves = jax.tree_util.tree_leaves_with_path(params, is_leaf=_is_box)
+    paths = [path_name(path) for path, _ in leaves]
+    matched = set()
+    for expression in compile_patterns(frozen, "optimizer.frozen"):
+        found = {path for path in paths if expression.search(path)}
+        if not found:
+            raise ValueError(
+                f"optimizer.frozen: pattern {expression.pattern!r} matches no parameter; the "
+                f"paths are like {paths[:3]}"
+            )
+        matched |= found
+
+    def label(path, leaf):
+        name = "frozen" if path_name(path) in matched else "trained"
+        return leaf.replace_boxed(name) if _is_box(leaf) else name
+
+    return jax.tree_util.tree_map_with_path(label, params, is_leaf=_is_box)
+
+
 def weight_decay_mask(params: Any) -> Any:
     """True where AdamW's weight decay applies, in a tree shaped like `params` (an
     `nn.Partitioned` box becomes a box of the same names around its bool).
@@ -165,9 +218,12 @@ def optimizer(
     total_steps: int,
     decay: Decay = "cosine",
     final_fraction: float = 0.1,
+    frozen: Sequence[str] = (),
 ) -> optax.GradientTransformation:
     """Clipping by global norm to `clip_norm`, then AdamW with `learning_rate_schedule` (peak
-    `learning_rate`) and decoupled weight decay `weight_decay` where `weight_decay_mask`."""
+    `learning_rate`) and decoupled weight decay `weight_decay` where `weight_decay_mask`, on
+    every parameter but the `frozen` ones (`frozen_labels`), whose updates are zero. `init`
+    raises a ValueError naming `optimizer.frozen` if a pattern matches no parameter."""
     _require(learning_rate > 0, "learning_rate", "a positive peak learning rate", learning_rate)
     _require(weight_decay >= 0, "weight_decay", "a non-negative rate", weight_decay)
     _require(0 <= b1 < 1, "b1", "a decay rate in [0, 1)", b1)
@@ -181,12 +237,27 @@ def optimizer(
         decay=decay,
         final_fraction=final_fraction,
     )
-    return optax.chain(
+    compile_patterns(frozen, "optimizer.frozen")
+    adamw = optax.chain(
         optax.clip_by_global_norm(clip_norm),
         optax.adamw(
             schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=weight_decay_mask
         ),
     )
+    if not frozen:
+        return adamw
+    return optax.partition(
+        {"trained": adamw, "frozen": optax.set_to_zero()},
+        lambda params: frozen_labels(params, frozen),
+    )
 
 
-__all__ = ["DECAYS", "learning_rate_schedule", "optimizer", "weight_decay_mask"]
+__all__ = [
+    "DECAYS",
+    "compile_patterns",
+    "frozen_labels",
+    "learning_rate_schedule",
+    "optimizer",
+    "path_name",
+    "weight_decay_mask",
+]

@@ -14,6 +14,7 @@ from seqjax.nn.aaren import Aaren, AarenConfig
 from seqjax.nn.attention import Attention, AttentionConfig
 from seqjax.nn.based import JRTRNN, Based, BasedConfig, JRTRNNConfig
 from seqjax.nn.feature_map import HedgehogFeatureMap
+from seqjax.nn.layers import rotary
 from seqjax.nn.linearized_attention import (
     Hedgehog,
     HedgehogConfig,
@@ -54,6 +55,9 @@ VARIANTS = {
             identity_init=True,
             impl="parallel",
         )
+    ),
+    "hedgehog_elu_plus_one": Hedgehog(
+        HedgehogConfig(WIDTH, num_heads=4, num_kv_heads=2, feature_map="elu_plus_one", chunk_size=8)
     ),
     "based_window": Based(BasedConfig(WIDTH, num_heads=2, feature_dim=4, window=4, chunk_size=8)),
     "based_symmetric_reference": Based(
@@ -124,6 +128,25 @@ def test_attention_checkpoint_loads(name):
     loaded = {"params": {**params["params"], **attention_params["params"]}}
     y, _ = MIXERS[name].apply(loaded, x)
     assert bool(jnp.all(jnp.isfinite(y)))
+
+
+def test_hedgehog_with_elu_plus_one_is_the_naive_swap():
+    """No new parameters; normalized causal linear attention of elu(x) + 1 of the rotated q, k
+    (as attention rotates them), through W_o."""
+    mixer = VARIANTS["hedgehog_elu_plus_one"]
+    params, x = mixer_setup(mixer)
+    assert sorted(params["params"]) == ["k", "o", "q", "v"]
+    y, _ = mixer.apply(params, x)
+    p = nn.unbox(params["params"])
+    q, k, v = (jnp.einsum("btd,dhk->bthk", x, p[n]["kernel"]) for n in "qkv")
+    positions = jnp.broadcast_to(jnp.arange(LENGTH), x.shape[:2])
+    q, k = rotary(q, positions), rotary(k, positions)
+    k, v = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)  # 2 query heads per kv head
+    scores = jnp.einsum("bthf,bshf->bhts", jax.nn.elu(q) + 1, jax.nn.elu(k) + 1)
+    scores = jnp.where(jnp.tril(jnp.ones((LENGTH, LENGTH), bool)), scores, 0.0)
+    o = jnp.einsum("bhts,bshv->bthv", scores / scores.sum(-1, keepdims=True), v)
+    y_expected = jnp.einsum("bthv,hvd->btd", o, p["o"]["kernel"])
+    np.testing.assert_allclose(y, y_expected, rtol=1e-4, atol=1e-5)
 
 
 def test_liger_adds_no_parameters():
@@ -206,6 +229,7 @@ def test_based_window_covering_the_sequence_is_softmax_attention():
         (lambda: HedgehogConfig(WIDTH, num_heads=3), "num_heads"),
         (lambda: HedgehogConfig(WIDTH, num_heads=4, num_kv_heads=3), "num_kv_heads"),
         (lambda: HedgehogConfig(WIDTH, feature_dim=0), "feature_dim"),
+        (lambda: HedgehogConfig(WIDTH, feature_map="relu"), "feature_map"),
         (lambda: LoLCATsConfig(WIDTH, window=0), "window"),
         (lambda: LoLCATsConfig(WIDTH, impl="parallel"), "impl"),
         (lambda: LigerConfig(WIDTH, gate_logit_normalizer=0.0), "gate_logit_normalizer"),
