@@ -42,6 +42,7 @@ import ml_collections
 from experiments.study import (
     Study,
     Summary,
+    beats,
     check_choices,
     fail,
     fit_and_evaluate,
@@ -179,7 +180,7 @@ def plot(summary: Summary, figure) -> None:
 
 def rises_with_state(summary: Summary) -> tuple[int, int]:
     """`(rising, total)` over the (mixer, kv count) series with several widths: rising when
-    the largest state's accuracy exceeds the smallest's."""
+    the largest state's accuracy exceeds the smallest's by more than noise (`beats`)."""
     rising = total = 0
     for mixer, count in {(r["mixer"], r["num_kv_pairs"]) for r in summary.rows}:
         rows = [r for r in summary.rows if r["mixer"] == mixer and r["num_kv_pairs"] == count]
@@ -187,14 +188,14 @@ def rises_with_state(summary: Summary) -> tuple[int, int]:
             continue
         rows.sort(key=lambda r: r["state_floats"][0])
         total += 1
-        rising += rows[-1]["accuracy"][0] > rows[0]["accuracy"][0]
+        rising += beats(rows[-1]["accuracy"], rows[0]["accuracy"])
     return rising, total
 
 
 def against_linear_attention(summary: Summary, mixer: str) -> tuple[int, int, int]:
     """`(wins, losses, cells)` of `mixer` against plain linear attention over the (width,
-    kv count) cells both ran: a win is higher accuracy with no more state, a loss no higher
-    accuracy with no less state (other cells compare unequal states and count as neither)."""
+    kv count) cells both ran: a win is higher accuracy (`beats`) with no more state, a loss no
+    higher accuracy with no less state (other cells compare unequal states and count as neither)."""
     wins = losses = cells = 0
     for row in summary.rows:
         if row["mixer"] != mixer:
@@ -206,8 +207,9 @@ def against_linear_attention(summary: Summary, mixer: str) -> tuple[int, int, in
         except KeyError:
             continue
         cells += 1
-        wins += row["accuracy"][0] > accuracy and row["state_floats"][0] <= state
-        losses += row["accuracy"][0] <= accuracy and row["state_floats"][0] >= state
+        higher = beats(row["accuracy"][0], accuracy)
+        wins += higher and row["state_floats"][0] <= state
+        losses += not higher and row["state_floats"][0] >= state
     return wins, losses, cells
 
 

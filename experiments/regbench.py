@@ -34,6 +34,7 @@ import numpy as np
 from experiments.study import (
     Study,
     Summary,
+    beats,
     check_choices,
     fail,
     fit_and_evaluate,
@@ -172,14 +173,16 @@ def plot(summary: Summary, figure) -> None:
 
 def verdict(summary: Summary) -> str:
     """Whether attention beats every recurrent model (without n-gram heads), and whether the
-    heads raise the recurrent models' validity, from the means over seeds."""
-    validity = {(r["model"], r["ngram_heads"]): r["validity"][0] for r in summary.rows}
+    heads raise the recurrent models' validity, from the means over seeds; a difference within
+    noise (`experiments.study.beats`) counts as none."""
+    summaries = {(r["model"], r["ngram_heads"]): r["validity"] for r in summary.rows}
+    validity = {key: value[0] for key, value in summaries.items()}
     recurrent = [m for m in MODELS if m != "attention" and (m, False) in validity]
     parts = []
     if ("attention", False) in validity and recurrent:
         attention = validity["attention", False]
         best = max(recurrent, key=lambda m: validity[m, False])
-        beaten = [m for m in recurrent if attention > validity[m, False]]
+        beaten = [m for m in recurrent if beats(summaries["attention", False], summaries[m, False])]
         outcome = "reproduces" if len(beaten) == len(recurrent) else "does NOT reproduce"
         parts.append(
             f"attention ({attention:.3f}) beats {len(beaten)} of {len(recurrent)} recurrent "
@@ -189,7 +192,7 @@ def verdict(summary: Summary) -> str:
         parts.append("attention vs recurrent models: not measured")
     gains = {m: validity[m, True] - validity[m, False] for m in recurrent if (m, True) in validity}
     if gains:
-        helped = [m for m, gain in gains.items() if gain > 0]
+        helped = [m for m in gains if beats(summaries[m, True], summaries[m, False])]
         outcome = "reproduces" if len(helped) == len(gains) else "does NOT reproduce"
         listed = ", ".join(f"{m} {gain:+.3f}" for m, gain in gains.items())
         parts.append(

@@ -45,6 +45,7 @@ import numpy as np
 from experiments.study import (
     Study,
     Summary,
+    beats,
     check_choices,
     fail,
     fit_and_evaluate,
@@ -213,7 +214,8 @@ def mean_accuracy(summary: Summary, task: str, model: str) -> float | None:
 
 def verdict(summary: Summary) -> str:
     """Whether each extended-range model beats its restricted counterpart on parity and
-    modular counting (mean accuracy over seeds and test lengths)."""
+    modular counting (mean accuracy over seeds and test lengths), by more than
+    `experiments.study.ACCURACY_MARGIN`."""
     parts, wins, total = [], 0, 0
     for task in CLAIMED_TASKS:
         for extended, restricted in PAIRS:
@@ -224,8 +226,9 @@ def verdict(summary: Summary) -> str:
             if ext is None or res is None:
                 continue
             total += 1
-            wins += ext > res
-            relation = "beats" if ext > res else "does not beat"
+            won = beats(ext, res)
+            wins += won
+            relation = "beats" if won else "does not beat"
             parts.append(f"{task}: {extended} {relation} {restricted} ({ext:.3f} vs {res:.3f})")
     if not total:
         return "no extended/restricted pair was run on parity or modular counting."

@@ -185,6 +185,25 @@ def fit_and_evaluate(
     return results, summary
 
 
+ACCURACY_MARGIN = 0.05
+"""The smallest difference of two accuracies that a verdict calls a difference. The CPU sizes
+score a few hundred held-out answers, whose accuracy near 1/2 has a binomial standard error of
+about 0.02, so the difference of two has one of about 0.03: 0.05 is nearly two of those."""
+
+Value = float | tuple[float, float, int]
+
+
+def beats(a: Value, b: Value, margin: float = ACCURACY_MARGIN) -> bool:
+    """Whether `a` exceeds `b` by more than noise: by more than `margin` and, for summaries
+    `(mean, std, n)` over seeds, by more than twice the standard error of the difference of
+    their means (`sqrt(std_a^2 / n_a + std_b^2 / n_b)`; zero with one seed each)."""
+    (mean_a, std_a, n_a), (mean_b, std_b, n_b) = (
+        value if isinstance(value, tuple) else (value, 0.0, 1) for value in (a, b)
+    )
+    error = float(np.sqrt(std_a**2 / max(n_a, 1) + std_b**2 / max(n_b, 1)))
+    return mean_a - mean_b > max(margin, 2 * error)
+
+
 def relative_error(actual, expected) -> float:
     """Worst over the leaves of max |actual - expected| / max |expected|."""
     errors = [

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from experiments import report
-from experiments.study import load_config, run_study
+from experiments.study import beats, load_config, run_study
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -81,3 +81,10 @@ def test_every_study_runs_its_quick_command(tmp_path, name):
     ]
     subprocess.run(command, cwd=ROOT, env=env, check=True, timeout=300)
     assert (tmp_path / name / "quick.md").exists() and (tmp_path / name / "quick.png").exists()
+
+
+def test_beats_needs_a_difference_beyond_the_margin_and_the_seeds_spread():
+    assert beats(0.56, 0.5) and not beats(0.54, 0.5) and not beats(0.5, 0.56)
+    assert beats((0.7, 0.05, 3), (0.5, 0.05, 3))  # 0.2 against 2 x 0.041
+    assert not beats((0.7, 0.2, 3), (0.5, 0.2, 3))  # 0.2 against 2 x 0.163
+    assert beats(0.5, 0.45, margin=0.01) and not beats(0.5, 0.45, margin=0.1)

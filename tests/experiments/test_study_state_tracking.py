@@ -58,3 +58,7 @@ def test_the_verdict_follows_the_mean_accuracies():
     reversed_ = summary_of({("parity", "diag_lrnn[-1,1]"): 0.5, ("parity", "diag_lrnn[0,1]"): 0.6})
     assert verdict(reversed_).startswith("the paper's direction does NOT reproduce")
     assert "0.500 vs 0.600" in verdict(reversed_)
+    within_noise = summary_of(
+        {("parity", "diag_lrnn[-1,1]"): 0.54, ("parity", "diag_lrnn[0,1]"): 0.5}
+    )
+    assert verdict(within_noise).startswith("the paper's direction does NOT reproduce")
