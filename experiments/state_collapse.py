@@ -81,6 +81,7 @@ from seqjax.models import LanguageModel, LanguageModelCache, LanguageModelConfig
 from seqjax.nn.mamba2 import Mamba2Cache
 from seqjax.train.config import validate as validate_training
 from seqjax.train.loop import fit, model_config
+from seqjax.train.step import token_losses
 
 MITIGATIONS = ("none", "decay_clamp", "state_norm")
 NONE = "none"
@@ -98,15 +99,6 @@ def model_name(state_size: int) -> str:
 
 
 # ----------------------------------------------------------------------------- measurement
-
-
-def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`(losses [B, T], valid [B, T])` from `logits: [B, T, V]` and `targets: [B, T]`:
-    `losses = -log softmax(logits)[target]` per token, 0 where `targets` is `IGNORE`."""
-    valid = targets != IGNORE
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(log_probs, jnp.where(valid, targets, 0)[..., None], axis=-1)
-    return jnp.where(valid, -picked[..., 0], 0.0), valid
 
 
 def head_state_norms(cache: LanguageModelCache) -> jax.Array:
@@ -129,7 +121,7 @@ def cached_scorer(model: LanguageModel, probe: int) -> Callable:
 
         def read(cache, chunk):
             logits, cache = model.apply({"params": params}, chunk[0], cache=cache)
-            losses, valid = token_losses(logits, chunk[1])
+            losses, valid = token_losses(logits.astype(jnp.float32), chunk[1])
             return cache, (losses, valid, head_state_norms(cache))
 
         def chunks(x):

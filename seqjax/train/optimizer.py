@@ -196,14 +196,12 @@ def weight_decay_mask(params: Any) -> Any:
 
     def leaf_mask(path, leaf):
         names = tuple(_key_name(key) for key in path)
-        if isinstance(leaf, nn.Partitioned):
+        if _is_box(leaf):
             rank = np.ndim(leaf.value) - tuple(leaf.names).count(STACKED_AXIS)
             return leaf.replace_boxed(_decays(names, rank))
         return _decays(names, np.ndim(leaf))
 
-    return jax.tree_util.tree_map_with_path(
-        leaf_mask, params, is_leaf=lambda x: isinstance(x, nn.Partitioned)
-    )
+    return jax.tree_util.tree_map_with_path(leaf_mask, params, is_leaf=_is_box)
 
 
 def optimizer(

@@ -47,17 +47,24 @@ def forward(model: nn.Module, params: Any, batch: Batch) -> tuple[jax.Array, jax
     return logits, sum(aux, jnp.zeros((), jnp.float32))
 
 
-def token_sums(logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
-    """Sums over the supervised tokens: cross-entropy, correct argmax, count, and (when the
-    batch has `valid: [B, T, V]`) the argmax predictions that are a valid continuation."""
-    targets = batch["targets"]
+def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(losses [B, T], supervised [B, T])` from `logits: [B, T, V]` and `targets: [B, T]`:
+    the cross-entropy of each token, 0 where `targets` is `IGNORE`."""
     supervised = targets != IGNORE
     losses = optax.softmax_cross_entropy_with_integer_labels(
         logits, jnp.where(supervised, targets, 0)
     )
+    return jnp.where(supervised, losses, 0.0), supervised
+
+
+def token_sums(logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
+    """Sums over the supervised tokens: cross-entropy, correct argmax, count, and (when the
+    batch has `valid: [B, T, V]`) the argmax predictions that are a valid continuation."""
+    targets = batch["targets"]
+    losses, supervised = token_losses(logits, targets)
     predictions = jnp.argmax(logits, axis=-1)
     sums = {
-        "loss": jnp.sum(jnp.where(supervised, losses, 0.0)),
+        "loss": jnp.sum(losses),
         "correct": jnp.sum(supervised & (predictions == targets)),
         "count": jnp.sum(supervised),
     }

@@ -16,12 +16,12 @@ from experiments.state_collapse import (
     binned_losses,
     cached_scorer,
     head_state_norms,
-    token_losses,
     verdict,
 )
 from experiments.study import Summary, load_config, run_study
 from seqjax.data import IGNORE
 from seqjax.models import LanguageModel, LanguageModelConfig
+from seqjax.train.step import token_losses
 
 
 def quick_config():
