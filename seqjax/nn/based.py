@@ -34,6 +34,12 @@ once the prefill covers the prefix (the reference code requires as much: prefix 
 arrive later join the state, but earlier tokens cannot read them).
 
 Both run in float32 state with eps 1e-10 (the reference code's is 1e-12).
+
+Optionally (`use_short_conv`) every token projection (q, k, v, and JRT-RNN's k_e, v_e) is
+followed by a short causal convolution of width `conv_size` with SiLU, as fla's GLA and
+DeltaNet offer. The Based and JRT-RNN architectures get the same local mixing from separate
+gated-convolution layers; without any, a linear attention cannot tie a token to its
+neighbour, and associative recall (MQAR) is out of its reach.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from seqjax.nn.conv import ConvolvedProjection
 from seqjax.nn.layers import dense
 from seqjax.nn.linearized_attention import following, token_positions
 from seqjax.nn.matrix_state import recur
@@ -59,22 +66,26 @@ from seqjax.ops.hybrid_attention import (
     sliding_window_hybrid_attention_step,
 )
 from seqjax.ops.prefix_linear_attention import prefix_linear_attention
+from seqjax.ops.short_conv import init_conv_cache
 from seqjax.parallel.dispatch import linear_attention
 
 
 class TaylorShape:
     """The fields Based and JRT-RNN share: `width`, `num_heads`, the projected q/k width
-    `feature_dim`, the value head width `head_dim` (None: width / heads), and
-    `symmetric_features`."""
+    `feature_dim`, the value head width `head_dim` (None: width / heads),
+    `symmetric_features`, and the short convolutions (`use_short_conv`, `conv_size`)."""
 
     width: int
     num_heads: int
     feature_dim: int
     head_dim: int | None
     symmetric_features: bool
+    use_short_conv: bool
+    conv_size: int
 
     def check_taylor_shape(self) -> None:
-        positive(self, "width", "num_heads", "feature_dim")
+        positive(self, "width", "num_heads", "feature_dim", "conv_size")
+        require(isinstance(self.use_short_conv, bool), "use_short_conv", "expected a bool")
         if self.head_dim is None:
             divides(self, "num_heads", "width")
         else:
@@ -83,6 +94,11 @@ class TaylorShape:
     @property
     def value_dim(self) -> int:
         return self.head_dim or self.width // self.num_heads
+
+    @property
+    def token_dims(self) -> dict[str, int]:
+        """The token projections `name: head width` (q and k project to `feature_dim`)."""
+        return {"q": self.feature_dim, "k": self.feature_dim, "v": self.value_dim}
 
     @property
     def expanded_dim(self) -> int:
@@ -102,6 +118,8 @@ class BasedConfig(TaylorShape):
     feature_dim: int = 16
     head_dim: int | None = None
     symmetric_features: bool = False
+    use_short_conv: bool = False
+    conv_size: int = 4
     window: int | None = None
     impl: str = "auto"
     chunk_size: int = 64
@@ -118,14 +136,17 @@ class BasedConfig(TaylorShape):
 
 @frozen
 class JRTRNNConfig(TaylorShape):
-    """`TaylorShape`'s fields, the encoder region's `prefix_length` (M), and the
-    linear-attention `impl` and `chunk_size`."""
+    """`TaylorShape`'s fields (the short convolutions cover the encoder's projections too),
+    the encoder region's `prefix_length` (M), and the linear-attention `impl` and
+    `chunk_size`."""
 
     width: int
     num_heads: int = 16
     feature_dim: int = 16
     head_dim: int | None = None
     symmetric_features: bool = False
+    use_short_conv: bool = False
+    conv_size: int = 4
     prefix_length: int = 1024
     impl: str = "auto"
     chunk_size: int = 64
@@ -135,31 +156,57 @@ class JRTRNNConfig(TaylorShape):
         positive(self, "prefix_length", "chunk_size")
         require(self.impl in GLA_IMPLS, "impl", f"expected one of {GLA_IMPLS}")
 
+    @property
+    def token_dims(self) -> dict[str, int]:
+        """Based's projections and the encoder's keys and values."""
+        return {**super().token_dims, "k_enc": self.feature_dim, "v_enc": self.value_dim}
+
 
 class BasedCache(NamedTuple):
     """`state`: `LinearAttentionState(S [B, H, F', V], z [B, H, F'])` (F' Taylor features),
-    or with a window the `HybridAttentionState` of the window and the Taylor terms before it."""
+    or with a window the `HybridAttentionState` of the window and the Taylor terms before it;
+    `conv`: the short convolutions' tails of q, k, v (`[B, W - 1, H * dim]` each), or Nones."""
 
     state: LinearAttentionState | HybridAttentionState
+    conv: tuple[jax.Array | None, ...]
 
 
 class JRTRNNCache(NamedTuple):
     """`state`: `LinearAttentionState` of encoder plus decoder; `position: [B]` int32, the next
-    token's position (whether it is in the prefix)."""
+    token's position (whether it is in the prefix); `conv`: the short convolutions' tails of
+    q, k, v, k_e, v_e, or Nones."""
 
     state: LinearAttentionState
     position: jax.Array
+    conv: tuple[jax.Array | None, ...]
 
 
-def taylor_heads(x: jax.Array, c: TaylorShape, name: str) -> jax.Array:
-    """`phi(x W_name)`: `[B, T, H, F']`, submodule `name` of the caller."""
-    projected = dense((c.num_heads, c.feature_dim), ("embed", "heads", "kv"), name)(x)
-    return taylor_exp(projected, symmetric=c.symmetric_features)
+def token_heads(
+    x: jax.Array, segment_ids: jax.Array | None, c: TaylorShape, tails: tuple | None
+) -> tuple[list[jax.Array], tuple]:
+    """`x W_name: [B, T, H, dim]` for each `name: dim` of `c.token_dims` (submodules of the
+    calling compact module), each through its short convolution with `use_short_conv`, from
+    the cache's `tails` (None: no cache). Returns the projections and the new tails."""
+    dims = c.token_dims
+    heads, new_tails = [], []
+    for (name, dim), tail in zip(dims.items(), tails or (None,) * len(dims), strict=True):
+        if c.use_short_conv:
+            projection = ConvolvedProjection(c.num_heads, dim, True, c.conv_size, "silu", name=name)
+            y, tail = projection(x, segment_ids, tail)
+        else:
+            y = dense((c.num_heads, dim), ("embed", "heads", "kv"), name)(x)
+        heads.append(y)
+        new_tails.append(tail)
+    return heads, tuple(new_tails)
 
 
-def value_heads(x: jax.Array, c: TaylorShape, name: str) -> jax.Array:
-    """`x W_name: [B, T, H, V]`, submodule `name` of the caller."""
-    return dense((c.num_heads, c.value_dim), ("embed", "heads", "kv"), name)(x)
+def init_conv_tails(batch: int, c: TaylorShape, dtype) -> tuple:
+    """The short convolutions' empty tails, one per token projection (`[B, W - 1, H * dim]`);
+    Nones without `use_short_conv`."""
+    dims = c.token_dims.values()
+    if not c.use_short_conv:
+        return (None,) * len(dims)
+    return tuple(init_conv_cache(batch, c.conv_size, c.num_heads * d, dtype) for d in dims)
 
 
 def output(o: jax.Array, width: int) -> jax.Array:
@@ -196,9 +243,8 @@ class Based(nn.Module):
     ) -> tuple[jax.Array, BasedCache]:
         del positions  # no position embedding
         c = self.config
-        q = dense((c.num_heads, c.feature_dim), ("embed", "heads", "kv"), "q")(x)
-        k = dense((c.num_heads, c.feature_dim), ("embed", "heads", "kv"), "k")(x)
-        v = value_heads(x, c, "v")
+        tails = None if cache is None else cache.conv
+        (q, k, v), conv = token_heads(x, segment_ids, c, tails)
         phi_q, phi_k = (taylor_exp(a, symmetric=c.symmetric_features) for a in (q, k))
         if c.window is None:
             o, state = recur(
@@ -229,13 +275,14 @@ class Based(nn.Module):
                 impl=c.impl,
                 chunk_size=c.chunk_size,
             )
-        return output(o, c.width), BasedCache(state)
+        return output(o, c.width), BasedCache(state, conv)
 
     def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32) -> BasedCache:
         del max_length  # the state (and the window's ring buffer) does not grow
         c = self.config
+        conv = init_conv_tails(batch_size, c, dtype)
         if c.window is None:
-            return BasedCache(empty_state(batch_size, c))
+            return BasedCache(empty_state(batch_size, c), conv)
         state = init_hybrid_state(
             batch_size,
             c.window,
@@ -245,7 +292,7 @@ class Based(nn.Module):
             c.expanded_dim,
             dtype,
         )
-        return BasedCache(state)
+        return BasedCache(state, conv)
 
 
 class JRTRNN(nn.Module):
@@ -267,11 +314,13 @@ class JRTRNN(nn.Module):
         positions = token_positions(
             x, segment_ids, positions, None if cache is None else cache.position
         )
-        phi_q, phi_k = taylor_heads(x, c, "q"), taylor_heads(x, c, "k")
-        v = value_heads(x, c, "v")
+        tails = None if cache is None else cache.conv
+        (q, k, v, k_enc, v_enc), conv = token_heads(x, segment_ids, c, tails)
+        phi_q, phi_k, phi_k_enc = (
+            taylor_exp(a, symmetric=c.symmetric_features) for a in (q, k, k_enc)
+        )
         in_prefix = (positions < c.prefix_length)[..., None, None]
-        phi_k_enc = jnp.where(in_prefix, taylor_heads(x, c, "k_enc"), 0)
-        v_enc = value_heads(x, c, "v_enc")
+        phi_k_enc = jnp.where(in_prefix, phi_k_enc, 0)
         if cache is not None and length == 1:
             o, state = self.step(phi_q, phi_k, v, phi_k_enc, v_enc, cache.state)
         else:
@@ -289,7 +338,7 @@ class JRTRNN(nn.Module):
                 impl=c.impl,
                 chunk_size=c.chunk_size,
             )
-        return output(o, c.width), JRTRNNCache(state, following(positions))
+        return output(o, c.width), JRTRNNCache(state, following(positions), conv)
 
     @staticmethod
     def step(phi_q, phi_k, v, phi_k_enc, v_enc, state):
@@ -303,7 +352,10 @@ class JRTRNN(nn.Module):
         return o[:, None], state
 
     def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32) -> JRTRNNCache:
-        del max_length, dtype  # the state does not grow; it is float32
+        del max_length  # the state does not grow; it is float32
+        c = self.config
         return JRTRNNCache(
-            empty_state(batch_size, self.config), jnp.zeros((batch_size,), jnp.int32)
+            empty_state(batch_size, c),
+            jnp.zeros((batch_size,), jnp.int32),
+            init_conv_tails(batch_size, c, dtype),
         )

@@ -35,13 +35,17 @@ MIXERS = {
     "hedgehog": Hedgehog(
         HedgehogConfig(WIDTH, num_heads=4, num_kv_heads=2, feature_dim=8, chunk_size=8)
     ),
-    "based": Based(BasedConfig(WIDTH, num_heads=2, feature_dim=4, chunk_size=8)),
+    "based": Based(
+        BasedConfig(WIDTH, num_heads=2, feature_dim=4, use_short_conv=True, chunk_size=8)
+    ),
     "lolcats": LoLCATs(
         LoLCATsConfig(WIDTH, num_heads=4, num_kv_heads=2, feature_dim=8, window=4, chunk_size=8)
     ),
     "liger": Liger(LigerConfig(WIDTH, num_heads=4, num_kv_heads=2, window=4, chunk_size=8)),
     "jrt_rnn": JRTRNN(
-        JRTRNNConfig(WIDTH, num_heads=2, feature_dim=4, prefix_length=4, chunk_size=8)
+        JRTRNNConfig(
+            WIDTH, num_heads=2, feature_dim=4, use_short_conv=True, prefix_length=4, chunk_size=8
+        )
     ),
     "aaren": Aaren(AarenConfig(WIDTH, num_heads=4)),
 }
@@ -80,7 +84,7 @@ VARIANTS = {
     ),
     "jrt_rnn_symmetric": JRTRNN(
         JRTRNNConfig(
-            WIDTH, num_heads=2, feature_dim=4, head_dim=8, symmetric_features=True, prefix_length=6
+            WIDTH, num_heads=2, feature_dim=4, head_dim=8, symmetric_features=True, prefix_length=3
         )
     ),
     "aaren_reference": Aaren(AarenConfig(WIDTH, num_heads=2, head_dim=4, impl="reference")),
@@ -235,6 +239,8 @@ def test_based_window_covering_the_sequence_is_softmax_attention():
         (lambda: LigerConfig(WIDTH, gate_logit_normalizer=0.0), "gate_logit_normalizer"),
         (lambda: BasedConfig(WIDTH, feature_dim=0), "feature_dim"),
         (lambda: BasedConfig(WIDTH, window=4, impl="parallel"), "impl"),
+        (lambda: BasedConfig(WIDTH, use_short_conv=1), "use_short_conv"),
+        (lambda: JRTRNNConfig(WIDTH, use_short_conv=True, conv_size=0), "conv_size"),
         (lambda: JRTRNNConfig(WIDTH, prefix_length=0), "prefix_length"),
         (lambda: JRTRNNConfig(WIDTH, num_heads=5), "num_heads"),
         (lambda: AarenConfig(WIDTH, head_dim=-1), "head_dim"),
