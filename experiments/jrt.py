@@ -27,6 +27,10 @@ Models (two layers of the mixer, each followed by an MLP):
   (the key-value blocks of MQAR, both sets of set disjointness);
 - `attention`: softmax attention, the control whose recall does not depend on a fixed state.
 
+With `use_short_conv` the two linear attentions convolve each token projection over the last
+few tokens (the local mixing the papers' architectures get from gated-convolution layers);
+without it they cannot tie a value to the key before it.
+
 Claims: a fixed-state recurrent model recalls better when it reads the context twice
 (attention barely changes), and solves set disjointness better when the small set comes first;
 JRT-RNN's prefix linear attention recalls better than plain linear attention.
@@ -94,6 +98,7 @@ def train_config(
     mixer = {"num_heads": config.num_heads}
     if model in RECURRENT:
         mixer["feature_dim"] = config.feature_dim
+        mixer["use_short_conv"] = config.use_short_conv
     if model == "jrt_rnn":
         mixer["prefix_length"] = context
     train = study_train_config(
@@ -135,6 +140,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             fail(field, f"expected a positive integer, got {config[field]}")
     if config.width % config.num_heads:
         fail("width", f"{config.width} is not a multiple of num_heads = {config.num_heads}")
+    if not isinstance(config.use_short_conv, bool):
+        fail("use_short_conv", f"expected a bool, got {config.use_short_conv!r}")
     if not config.learning_rate > 0:
         fail("learning_rate", f"expected > 0, got {config.learning_rate}")
     if config.train_examples < config.train_steps * config.batch_size:
