@@ -18,13 +18,14 @@ The x-axis is the decode cache of one layer for one sequence of `T` tokens
 (`seqjax.models.state_size / num_layers`): the recurrent state and convolution tails of a
 recurrent mixer, the keys and values of all `T` tokens for attention. Every mixer has
 `num_heads` heads whose widths scale with `d` (`mixer_options` below), so each family's state
-grows with the width (plus the last 3 inputs of each short convolution):
+grows with the width (plus the last inputs of each short convolution, which the config puts
+on q, k and v of every family that has them as an option):
 
     attention        KV cache 2 T d
     based            Taylor-map linear attention (Zoology's Based without its window: the
                      plain linear-attention baseline): H F' (d / H + 1) with the normalizer,
                      F' = 1 + F + F^2 features of F = 16 projected dimensions
-    gla              H (d / 2H) (d / H)               (short convolution on q, k, v)
+    gla              H (d / 2H) (d / H)
     mamba2           2 d N,  N = state_size
     delta_net        H (d / H)^2                      (short convolution, L2-normalized q, k)
     gated_delta_net  H (d / H)^2

@@ -1,5 +1,11 @@
 """Softmax attention as a mixer: RoPE, grouped-query heads, optional sliding window (the
-attention layer of Llama-style Transformers and of the hybrids; fla's `layers/attn.py`)."""
+attention layer of Llama-style Transformers and of the hybrids; fla's `layers/attn.py`).
+
+Optionally (`use_short_conv`) q, k and v each go through a depthwise causal convolution of
+width `conv_size` after their projections, without an activation: Primer's multi-dconv-head
+attention (So et al., "Primer: Searching for Efficient Transformers for Language Modeling",
+2021, which uses width 3), the "attention with short convolution" baseline of recall studies.
+The convolutions see the packed segments and keep their tails in the cache for decoding."""
 
 from __future__ import annotations
 
@@ -9,16 +15,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from seqjax.nn.conv import project_heads
 from seqjax.nn.layers import dense, rotary
 from seqjax.nn.mixer import default_positions, divides, frozen, positive, require
 from seqjax.ops.attention import ATTENTION_IMPLS, KVCache, init_kv_cache, softmax_attention_step
+from seqjax.ops.short_conv import init_conv_cache
 from seqjax.parallel.dispatch import SEQUENCE_METHODS, softmax_attention
 
 
 @frozen
 class AttentionConfig:
     """`width` (d_model), heads, key/value heads (GQA), `head_dim` (None: width / heads),
-    `window` (None: full causal), RoPE base `rope_base`; `sequence_method` is the
+    `window` (None: full causal), RoPE base `rope_base`, short convolutions on q, k, v
+    (`use_short_conv`, `conv_size`); `sequence_method` is the
     sequence-parallel form under a mesh with a `sequence` axis (`"ulysses"`, `"ring"`, or
     `"auto"`: Ulysses when the axis size divides the head counts)."""
 
@@ -28,11 +37,14 @@ class AttentionConfig:
     head_dim: int | None = None
     window: int | None = None
     rope_base: float = 10000.0
+    use_short_conv: bool = False
+    conv_size: int = 3
     impl: str = "auto"
     sequence_method: str = "auto"
 
     def __post_init__(self):
-        positive(self, "width", "num_heads")
+        positive(self, "width", "num_heads", "conv_size")
+        require(isinstance(self.use_short_conv, bool), "use_short_conv", "expected a bool")
         if self.head_dim is None:
             divides(self, "num_heads", "width")
         else:
@@ -57,14 +69,21 @@ class AttentionConfig:
     def key_dim(self) -> int:
         return self.head_dim or self.width // self.num_heads
 
+    @property
+    def head_counts(self) -> tuple[int, int, int]:
+        """The heads of q, k and v."""
+        return self.num_heads, self.kv_heads, self.kv_heads
+
 
 class AttentionCache(NamedTuple):
     """The keys and values seen (`KVCache`: a ring buffer of `window` slots when windowed, so
     decoding memory is O(window)) and the next token's position in its segment `[B]` (what
-    RoPE continues from; the cache's own positions count every token of the row)."""
+    RoPE continues from; the cache's own positions count every token of the row); `conv`:
+    the short convolutions' tails of q, k, v (`[B, W - 1, heads * head_dim]`), or Nones."""
 
     kv: KVCache
     position: jax.Array
+    conv: tuple[jax.Array | None, ...]
 
 
 class Attention(nn.Module):
@@ -88,9 +107,12 @@ class Attention(nn.Module):
     ) -> tuple[jax.Array, AttentionCache]:
         c = self.config
         batch, length, _ = x.shape
-        q = dense((c.num_heads, c.key_dim), ("embed", "heads", "kv"), "q")(x)
-        k = dense((c.kv_heads, c.key_dim), ("embed", "heads", "kv"), "k")(x)
-        v = dense((c.kv_heads, c.key_dim), ("embed", "heads", "kv"), "v")(x)
+        width = c.conv_size if c.use_short_conv else None
+        tails = (None,) * 3 if cache is None else cache.conv
+        (q, conv_q), (k, conv_k), (v, conv_v) = (
+            project_heads(x, segment_ids, heads, c.key_dim, name, width, None, tail)
+            for name, heads, tail in zip("qkv", c.head_counts, tails, strict=True)
+        )
         if positions is None:
             offset = None if cache is None else cache.position
             positions = default_positions(batch, length, segment_ids, offset)
@@ -111,10 +133,16 @@ class Attention(nn.Module):
                 sequence_method=c.sequence_method,
             )
         y = dense(c.width, ("heads", "kv", "embed"), "o", axis=(-2, -1))(o)
-        return y, AttentionCache(kv, positions[:, -1] + 1)
+        return y, AttentionCache(kv, positions[:, -1] + 1, (conv_q, conv_k, conv_v))
 
     def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32) -> AttentionCache:
         c = self.config
         capacity = max_length if c.window is None else c.window
         kv = init_kv_cache(batch_size, capacity, c.kv_heads, c.key_dim, c.key_dim, dtype)
-        return AttentionCache(kv, jnp.zeros((batch_size,), jnp.int32))
+        conv = tuple(
+            init_conv_cache(batch_size, c.conv_size, heads * c.key_dim, dtype)
+            if c.use_short_conv
+            else None
+            for heads in c.head_counts
+        )
+        return AttentionCache(kv, jnp.zeros((batch_size,), jnp.int32), conv)

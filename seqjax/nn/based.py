@@ -51,7 +51,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from seqjax.nn.conv import ConvolvedProjection
+from seqjax.nn.conv import project_heads
 from seqjax.nn.layers import dense
 from seqjax.nn.linearized_attention import following, token_positions
 from seqjax.nn.matrix_state import recur
@@ -188,16 +188,12 @@ def token_heads(
     calling compact module), each through its short convolution with `use_short_conv`, from
     the cache's `tails` (None: no cache). Returns the projections and the new tails."""
     dims = c.token_dims
-    heads, new_tails = [], []
-    for (name, dim), tail in zip(dims.items(), tails or (None,) * len(dims), strict=True):
-        if c.use_short_conv:
-            projection = ConvolvedProjection(c.num_heads, dim, True, c.conv_size, "silu", name=name)
-            y, tail = projection(x, segment_ids, tail)
-        else:
-            y = dense((c.num_heads, dim), ("embed", "heads", "kv"), name)(x)
-        heads.append(y)
-        new_tails.append(tail)
-    return heads, tuple(new_tails)
+    width = c.conv_size if c.use_short_conv else None
+    outputs = [
+        project_heads(x, segment_ids, c.num_heads, dim, name, width, "silu", tail)
+        for (name, dim), tail in zip(dims.items(), tails or (None,) * len(dims), strict=True)
+    ]
+    return [y for y, _ in outputs], tuple(tail for _, tail in outputs)
 
 
 def init_conv_tails(batch: int, c: TaylorShape, dtype) -> tuple:

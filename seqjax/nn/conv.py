@@ -87,3 +87,23 @@ class ConvolvedProjection(nn.Module):
         elif self.activation is not None:
             y = ACTIVATIONS[self.activation](y)
         return y.reshape(*y.shape[:2], self.heads, self.head_dim), cache
+
+
+def project_heads(
+    x: jax.Array,
+    segment_ids: jax.Array | None,
+    heads: int,
+    head_dim: int,
+    name: str,
+    conv_size: int | None,
+    activation: str | None,
+    tail: jax.Array | None,
+) -> tuple[jax.Array, jax.Array | None]:
+    """`x W_name: [B, T, heads, head_dim]`: a `dense` submodule `name` of the calling compact
+    module (`[D, heads, head_dim]` kernel), or with `conv_size` a `ConvolvedProjection` whose
+    short convolution of that width (then `activation`) continues from the cache's `tail`.
+    Returns `(y, new tail or None)`."""
+    if conv_size is None:
+        return dense((heads, head_dim), ("embed", "heads", "kv"), name)(x), None
+    projection = ConvolvedProjection(heads, head_dim, True, conv_size, activation, name=name)
+    return projection(x, segment_ids, tail)

@@ -13,7 +13,9 @@ from seqjax.nn.gla import GLA, GLAConfig
 
 # One representative config per mixer runs by default; the variants are `slow`.
 MIXERS = {
-    "attention": Attention(AttentionConfig(WIDTH, num_heads=4, num_kv_heads=2, window=5)),
+    "attention": Attention(
+        AttentionConfig(WIDTH, num_heads=4, num_kv_heads=2, window=5, use_short_conv=True)
+    ),
     "gla": GLA(GLAConfig(WIDTH, num_heads=2, use_short_conv=True, chunk_size=8)),
     "delta_net": DeltaNet(DeltaNetConfig(WIDTH, num_heads=2, allow_neg_eigval=True, chunk_size=8)),
     "gated_delta_net": GatedDeltaNet(
@@ -44,6 +46,7 @@ def test_mixer_variant_contract(name):
         (lambda: AttentionConfig(WIDTH, num_heads=3), "num_heads"),
         (lambda: AttentionConfig(WIDTH, num_heads=4, num_kv_heads=3), "num_kv_heads"),
         (lambda: AttentionConfig(WIDTH, window=0), "window"),
+        (lambda: AttentionConfig(WIDTH, use_short_conv=True, conv_size=0), "conv_size"),
         (lambda: GLAConfig(WIDTH, num_heads=3), "expand_k"),
         (lambda: GLAConfig(WIDTH, impl="fast"), "impl"),
         (lambda: DeltaNetConfig(WIDTH, expand_k=0.3), "expand_k"),
