@@ -38,8 +38,9 @@ def test_state_floats_are_the_kv_cache_for_attention_and_the_matrix_state_otherw
     def floats(mixer):
         return state_floats(train_config(config, mixer, width, 4, 1e-3, 0), config.vocab_size)
 
-    # Attention keeps the keys and values of all T tokens: 2 T d.
-    assert floats("attention") == 2 * config.length * width
+    # Attention keeps the keys and values of all T tokens, 2 T d, plus the last 2 inputs of
+    # its width-3 convolutions on q, k, v.
+    assert floats("attention") == 2 * config.length * width + 2 * 3 * width
     # DeltaNet: H matrices of (d / H) x (d / H), plus the q, k, v convolutions' last 3 inputs.
     assert floats("delta_net") == heads * (width // heads) ** 2 + 3 * 3 * width
     # The matrix state grows quadratically with the width: a family's state axis.
