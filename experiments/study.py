@@ -402,7 +402,7 @@ def run_study(
 
 def main(study: Study) -> None:
     """The command line of a study script (see the module docstring)."""
-    from absl import app, flags
+    from absl import app, flags, logging
     from ml_collections import config_flags
 
     config_flag = config_flags.DEFINE_config_file(
@@ -414,6 +414,8 @@ def main(study: Study) -> None:
 
     def run(argv):
         del argv
+        # Orbax logs every checkpoint save at INFO; the runs' own lines are printed.
+        logging.set_verbosity(logging.WARNING)
         # Seeds and sizes compile the same programs again: compilation dominates on CPU.
         jax.config.update("jax_compilation_cache_dir", str(COMPILATION_CACHE))
         seeds = [int(s) for s in seeds_flag.value.split(",") if s]
