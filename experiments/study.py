@@ -168,11 +168,14 @@ def fit_and_evaluate(
     """Trains `config` (in `workdir`, or a temporary folder removed afterwards), then evaluates
     the trained parameters once per entry of `evaluations`: name -> changes to `config.data`
     (e.g. `{"length": 256, "eval_options": {"min_length": 256, "max_length": 256}}`).
-    Returns `({name: metrics}, training summary)`."""
+    Returns `({name: metrics}, training summary)`; exits if SIGTERM stopped the training."""
     from seqjax.train.loop import evaluate_params, fit
 
     with tempfile.TemporaryDirectory() as scratch:
         state, summary = fit(config, workdir or scratch)
+    if summary["preempted"]:
+        # A half-trained model must not enter the record as if it were the protocol's.
+        raise SystemExit("SIGTERM during training: this seed is not recorded")
     results = {}
     for name, changes in evaluations.items():
         evaluation = copy.deepcopy(config)

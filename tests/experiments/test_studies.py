@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from experiments import report
-from experiments.study import beats, load_config, run_study
+from experiments.study import beats, fit_and_evaluate, load_config, run_study
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -88,3 +88,14 @@ def test_beats_needs_a_difference_beyond_the_margin_and_the_seeds_spread():
     assert beats((0.7, 0.05, 3), (0.5, 0.05, 3))  # 0.2 against 2 x 0.041
     assert not beats((0.7, 0.2, 3), (0.5, 0.2, 3))  # 0.2 against 2 x 0.163
     assert beats(0.5, 0.45, margin=0.01) and not beats(0.5, 0.45, margin=0.1)
+
+
+def test_a_preempted_training_stops_the_study(monkeypatch):
+    """SIGTERM makes `fit` save and return early; a study must not record that model."""
+    import seqjax.train.loop
+
+    monkeypatch.setattr(
+        seqjax.train.loop, "fit", lambda config, workdir: (None, {"preempted": True})
+    )
+    with pytest.raises(SystemExit, match="SIGTERM"):
+        fit_and_evaluate(load_config("recall", "quick"), {})
