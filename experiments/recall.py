@@ -41,6 +41,7 @@ from __future__ import annotations
 import ml_collections
 
 from experiments.study import (
+    Row,
     Study,
     Summary,
     beats,
@@ -179,52 +180,67 @@ def plot(summary: Summary, figure) -> None:
     axes[-1].legend(fontsize="small")
 
 
-def rises_with_state(summary: Summary) -> tuple[int, int]:
-    """`(rising, total)` over the (mixer, kv count) series with several widths: rising when
-    the largest state's accuracy exceeds the smallest's by more than noise (`beats`)."""
-    rising = total = 0
+def rises_with_state(summary: Summary) -> tuple[int, int, int]:
+    """`(rising, total, saturated)` over the (mixer, kv count) series with several widths:
+    rising when the largest state's accuracy exceeds the smallest's by more than noise
+    (`beats`); saturated (and left out of `total`) when even the smallest state is within the
+    margin of perfect recall, so that nothing is left to rise."""
+    rising = total = saturated = 0
     for mixer, count in {(r["mixer"], r["num_kv_pairs"]) for r in summary.rows}:
         rows = [r for r in summary.rows if r["mixer"] == mixer and r["num_kv_pairs"] == count]
         if len(rows) < 2:
             continue
         rows.sort(key=lambda r: r["state_floats"][0])
+        if not beats(1.0, rows[0]["accuracy"]):
+            saturated += 1
+            continue
         total += 1
         rising += beats(rows[-1]["accuracy"], rows[0]["accuracy"])
-    return rising, total
+    return rising, total, saturated
+
+
+def dominates(a: Row, b: Row) -> bool:
+    """Whether `a` is on the better side of `b` in (state, accuracy): no more state, accuracy
+    not lower beyond noise, and either less state or higher accuracy beyond noise."""
+    state_a, state_b = a["state_floats"][0], b["state_floats"][0]
+    if state_a > state_b or beats(b["accuracy"], a["accuracy"]):
+        return False
+    return state_a < state_b or beats(a["accuracy"], b["accuracy"])
 
 
 def against_linear_attention(summary: Summary, mixer: str) -> tuple[int, int, int]:
     """`(wins, losses, cells)` of `mixer` against plain linear attention over the (width,
-    kv count) cells both ran: a win is higher accuracy (`beats`) with no more state, a loss no
-    higher accuracy with no less state (other cells compare unequal states and count as neither)."""
+    kv count) cells both ran: a win when `mixer` `dominates` it (as accurate with less state,
+    or more accurate with no more), a loss when it is dominated; other cells count as
+    neither."""
     wins = losses = cells = 0
+    baseline = {
+        (r["width"], r["num_kv_pairs"]): r for r in summary.rows if r["mixer"] == LINEAR_ATTENTION
+    }
     for row in summary.rows:
-        if row["mixer"] != mixer:
-            continue
-        keys = dict(width=row["width"], num_kv_pairs=row["num_kv_pairs"])
-        try:
-            accuracy = summary.value("accuracy", mixer=LINEAR_ATTENTION, **keys)
-            state = summary.value("state_floats", mixer=LINEAR_ATTENTION, **keys)
-        except KeyError:
+        other = baseline.get((row["width"], row["num_kv_pairs"]))
+        if row["mixer"] != mixer or other is None:
             continue
         cells += 1
-        higher = beats(row["accuracy"][0], accuracy)
-        wins += higher and row["state_floats"][0] <= state
-        losses += not higher and row["state_floats"][0] >= state
+        wins += dominates(row, other)
+        losses += dominates(other, row)
     return wins, losses, cells
 
 
 def verdict(summary: Summary) -> str:
-    """Whether accuracy rises with state within each family, and how the delta-rule and gated
-    families fare against plain linear attention at equal or smaller state."""
-    rising, total = rises_with_state(summary)
+    """Whether accuracy rises with state within each family that has room to, and how the
+    delta-rule and gated families fare against plain linear attention in (state, accuracy)."""
+    rising, total, saturated = rises_with_state(summary)
     parts = []
     if total:
         direction = "reproduces" if rising > total / 2 else "does NOT reproduce"
         parts.append(
             f"accuracy rises from the smallest to the largest state in {rising} of {total} "
             f"(mixer, kv pairs) series: the state-size direction {direction}"
+            + (f" ({saturated} more recall perfectly at every state)" if saturated else "")
         )
+    elif saturated:
+        parts.append(f"all {saturated} series recall perfectly at every state: no direction")
     mixers = {row["mixer"] for row in summary.rows}
     for mixer in CHALLENGERS:
         if mixer not in mixers or LINEAR_ATTENTION not in mixers:
@@ -234,8 +250,8 @@ def verdict(summary: Summary) -> str:
             continue
         outcome = "beats" if wins > losses else "does NOT beat" if losses > wins else "ties"
         parts.append(
-            f"{mixer} {outcome} linear attention ({LINEAR_ATTENTION}): more accurate with no "
-            f"more state in {wins} of {cells} cells, no more accurate with no less state in "
+            f"{mixer} {outcome} linear attention ({LINEAR_ATTENTION}): as accurate with less "
+            f"state or more accurate with no more in {wins} of {cells} cells, the reverse in "
             f"{losses}"
         )
     return "; ".join(parts) + "." if parts else "no series to compare."
