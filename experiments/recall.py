@@ -183,8 +183,8 @@ def plot(summary: Summary, figure) -> None:
 def rises_with_state(summary: Summary) -> tuple[int, int, int]:
     """`(rising, total, saturated)` over the (mixer, kv count) series with several widths:
     rising when the largest state's accuracy exceeds the smallest's by more than noise
-    (`beats`); saturated (and left out of `total`) when even the smallest state is within the
-    margin of perfect recall, so that nothing is left to rise."""
+    (`beats`); saturated (and left out of `total`), "perfect", when even the smallest state
+    recalls within the margin of accuracy 1, so that nothing is left to rise."""
     rising = total = saturated = 0
     for mixer, count in {(r["mixer"], r["num_kv_pairs"]) for r in summary.rows}:
         rows = [r for r in summary.rows if r["mixer"] == mixer and r["num_kv_pairs"] == count]
@@ -237,10 +237,10 @@ def verdict(summary: Summary) -> str:
         parts.append(
             f"accuracy rises from the smallest to the largest state in {rising} of {total} "
             f"(mixer, kv pairs) series: the state-size direction {direction}"
-            + (f" ({saturated} more recall perfectly at every state)" if saturated else "")
+            + (f" ({saturated} more are perfect at their smallest state)" if saturated else "")
         )
     elif saturated:
-        parts.append(f"all {saturated} series recall perfectly at every state: no direction")
+        parts.append(f"all {saturated} series are perfect at their smallest state: no direction")
     mixers = {row["mixer"] for row in summary.rows}
     for mixer in CHALLENGERS:
         if mixer not in mixers or LINEAR_ATTENTION not in mixers:

@@ -69,7 +69,7 @@ def test_verdict_leaves_out_saturated_series_and_compares_by_dominance():
     ]
     text = STUDY.verdict(Summary(rows, [0], {}))
     assert "rises from the smallest to the largest state in 1 of 2" in text
-    assert "(1 more recall perfectly at every state)" in text
+    assert "(1 more are perfect at their smallest state)" in text
     # gla: less accurate with less state at width 32 (neither), within the margin with less
     # state at width 64 (a win).
     assert "gla beats linear attention (based): as accurate with less state or more " in text
