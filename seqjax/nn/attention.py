@@ -15,11 +15,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from seqjax.nn.conv import project_heads
+from seqjax.nn.conv import init_conv_tails, project_heads
 from seqjax.nn.layers import dense, rotary
+from seqjax.nn.matrix_state import conv_size
 from seqjax.nn.mixer import default_positions, divides, frozen, positive, require
 from seqjax.ops.attention import ATTENTION_IMPLS, KVCache, init_kv_cache, softmax_attention_step
-from seqjax.ops.short_conv import init_conv_cache
 from seqjax.parallel.dispatch import SEQUENCE_METHODS, softmax_attention
 
 
@@ -107,7 +107,7 @@ class Attention(nn.Module):
     ) -> tuple[jax.Array, AttentionCache]:
         c = self.config
         batch, length, _ = x.shape
-        width = c.conv_size if c.use_short_conv else None
+        width = conv_size(c)
         tails = (None,) * 3 if cache is None else cache.conv
         (q, conv_q), (k, conv_k), (v, conv_v) = (
             project_heads(x, segment_ids, heads, c.key_dim, name, width, None, tail)
@@ -139,10 +139,6 @@ class Attention(nn.Module):
         c = self.config
         capacity = max_length if c.window is None else c.window
         kv = init_kv_cache(batch_size, capacity, c.kv_heads, c.key_dim, c.key_dim, dtype)
-        conv = tuple(
-            init_conv_cache(batch_size, c.conv_size, heads * c.key_dim, dtype)
-            if c.use_short_conv
-            else None
-            for heads in c.head_counts
-        )
+        channels = tuple(heads * c.key_dim for heads in c.head_counts)
+        conv = init_conv_tails(batch_size, conv_size(c), channels, dtype)
         return AttentionCache(kv, jnp.zeros((batch_size,), jnp.int32), conv)

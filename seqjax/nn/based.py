@@ -51,10 +51,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from seqjax.nn.conv import project_heads
+from seqjax.nn.conv import init_conv_tails, project_heads
 from seqjax.nn.layers import dense
 from seqjax.nn.linearized_attention import following, token_positions
-from seqjax.nn.matrix_state import recur
+from seqjax.nn.matrix_state import conv_size, recur
 from seqjax.nn.mixer import divides, frozen, positive, require
 from seqjax.ops.feature_maps import taylor_exp
 from seqjax.ops.gla import GLA_IMPLS, LinearAttentionState, linear_attention_step
@@ -66,7 +66,6 @@ from seqjax.ops.hybrid_attention import (
     sliding_window_hybrid_attention_step,
 )
 from seqjax.ops.prefix_linear_attention import prefix_linear_attention
-from seqjax.ops.short_conv import init_conv_cache
 from seqjax.parallel.dispatch import linear_attention
 
 
@@ -188,7 +187,7 @@ def token_heads(
     calling compact module), each through its short convolution with `use_short_conv`, from
     the cache's `tails` (None: no cache). Returns the projections and the new tails."""
     dims = c.token_dims
-    width = c.conv_size if c.use_short_conv else None
+    width = conv_size(c)
     outputs = [
         project_heads(x, segment_ids, c.num_heads, dim, name, width, "silu", tail)
         for (name, dim), tail in zip(dims.items(), tails or (None,) * len(dims), strict=True)
@@ -196,13 +195,10 @@ def token_heads(
     return [y for y, _ in outputs], tuple(tail for _, tail in outputs)
 
 
-def init_conv_tails(batch: int, c: TaylorShape, dtype) -> tuple:
-    """The short convolutions' empty tails, one per token projection (`[B, W - 1, H * dim]`);
-    Nones without `use_short_conv`."""
-    dims = c.token_dims.values()
-    if not c.use_short_conv:
-        return (None,) * len(dims)
-    return tuple(init_conv_cache(batch, c.conv_size, c.num_heads * d, dtype) for d in dims)
+def init_token_tails(batch: int, c: TaylorShape, dtype) -> tuple:
+    """The empty convolution tails of `token_heads`' projections (Nones without them)."""
+    channels = tuple(c.num_heads * dim for dim in c.token_dims.values())
+    return init_conv_tails(batch, conv_size(c), channels, dtype)
 
 
 def output(o: jax.Array, width: int) -> jax.Array:
@@ -276,7 +272,7 @@ class Based(nn.Module):
     def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32) -> BasedCache:
         del max_length  # the state (and the window's ring buffer) does not grow
         c = self.config
-        conv = init_conv_tails(batch_size, c, dtype)
+        conv = init_token_tails(batch_size, c, dtype)
         if c.window is None:
             return BasedCache(empty_state(batch_size, c), conv)
         state = init_hybrid_state(
@@ -353,5 +349,5 @@ class JRTRNN(nn.Module):
         return JRTRNNCache(
             empty_state(batch_size, c),
             jnp.zeros((batch_size,), jnp.int32),
-            init_conv_tails(batch_size, c, dtype),
+            init_token_tails(batch_size, c, dtype),
         )

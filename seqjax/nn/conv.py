@@ -107,3 +107,11 @@ def project_heads(
         return dense((heads, head_dim), ("embed", "heads", "kv"), name)(x), None
     projection = ConvolvedProjection(heads, head_dim, True, conv_size, activation, name=name)
     return projection(x, segment_ids, tail)
+
+
+def init_conv_tails(batch: int, conv_size: int | None, channels: tuple[int, ...], dtype) -> tuple:
+    """The empty tails of `project_heads` convolutions, one per projection of `channels`
+    (`heads * head_dim`) channels, `[B, conv_size - 1, channels]`; Nones without `conv_size`."""
+    if conv_size is None:
+        return (None,) * len(channels)
+    return tuple(init_conv_cache(batch, conv_size, width, dtype) for width in channels)
