@@ -9,8 +9,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from seqjax.nn.conv import ConvolvedProjection
-from seqjax.ops.short_conv import init_conv_cache
+from seqjax.nn.conv import ConvolvedProjection, init_conv_tails
 
 
 class MatrixStateCache(NamedTuple):
@@ -32,16 +31,9 @@ def init_matrix_state_cache(batch: int, config: Any, dtype) -> MatrixStateCache:
     """The cache before any token, for a config with `num_heads`, `key_dim`, `value_dim`,
     `use_short_conv` and `conv_size`."""
     heads, key_dim, value_dim = config.num_heads, config.key_dim, config.value_dim
-    width = conv_size(config)
     state = jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32)
-    if width is None:
-        return MatrixStateCache(state, None, None, None)
-    return MatrixStateCache(
-        state,
-        init_conv_cache(batch, width, heads * key_dim, dtype),
-        init_conv_cache(batch, width, heads * key_dim, dtype),
-        init_conv_cache(batch, width, heads * value_dim, dtype),
-    )
+    channels = (heads * key_dim, heads * key_dim, heads * value_dim)
+    return MatrixStateCache(state, *init_conv_tails(batch, conv_size(config), channels, dtype))
 
 
 def project_qkv(

@@ -1,5 +1,6 @@
-"""Study 3, just read twice (`experiments/jrt.py`): bad configs fail at start, and JRT-RNN's
-prefix is the context before the first question of each task."""
+"""Study 3, just read twice (`experiments/jrt.py`): bad configs fail at start, JRT-RNN's
+prefix is the context before the first question of each task, and the verdict does not read a
+direction into a task the linear attention never learned."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from experiments.jrt import STUDY, VARIANTS, train_config
-from experiments.study import load_config, run_study
+from experiments.study import Summary, load_config, run_study
 from seqjax.data import IGNORE, make_source
 
 
@@ -46,3 +47,34 @@ def test_jrt_rnn_reads_the_whole_context_before_the_first_question_as_its_prefix
         assert prefix == 2 * train.data.options.num_kv_pairs * train.data.options.num_passes
     else:  # both sets: everything but the question
         assert prefix == first_question == train.data.length - 1
+
+
+def jrt_summary(accuracies):
+    """A one-seed summary from `{(task, variant, model): accuracy}`."""
+    rows = [
+        dict(task=t, variant=v, model=m, accuracy=(a, 0.0, 1))
+        for (t, v, m), a in accuracies.items()
+    ]
+    return Summary(rows, [0], {})
+
+
+def test_verdict_calls_a_task_at_chance_untested_and_reads_the_others():
+    accuracies = {
+        ("mqar", "one_pass", "based"): 0.55,
+        ("mqar", "two_passes", "based"): 0.70,
+        ("set_disjointness", "small_first", "based"): 0.52,
+        ("set_disjointness", "small_second", "based"): 0.49,
+    }
+    text = STUDY.verdict(jrt_summary(accuracies))
+    assert (
+        "mqar (two passes minus one): based +0.150; for linear attention (based) the "
+        "direction reproduces" in text
+    )
+    assert "no better than chance (0.5) in either variant, so the direction is untested" in text
+    accuracies[("set_disjointness", "small_first", "based")] = 0.60
+    text = STUDY.verdict(jrt_summary(accuracies))
+    assert (
+        "small second): based +0.110; for linear attention (based) the direction reproduces" in text
+    )
+    accuracies[("set_disjointness", "small_second", "based")] = 0.62
+    assert "direction does NOT reproduce" in STUDY.verdict(jrt_summary(accuracies))
