@@ -18,7 +18,7 @@ RTOL = 2e-5
 # name: the mixer's options (small heads and states; a short convolution where it has one).
 SEQUENCE_PARALLEL_MIXERS = {
     "gated_delta_net": pytest.param({"num_heads": 2, "head_dim": 8}),
-    "attention": pytest.param({"num_heads": 4}),
+    "attention": pytest.param({"num_heads": 4, "use_short_conv": True}),
     "attention_ring": pytest.param(
         {"num_heads": 2, "num_kv_heads": 1, "sequence_method": "ring"}, marks=pytest.mark.slow
     ),
