@@ -83,6 +83,9 @@ def test_the_verdict_follows_the_losses_and_the_throughputs():
     assert text.startswith("the paper's direction reproduces: at the budget attention beats")
     assert "at 2 of 2 evaluations" in text and "attention reaches the lowest loss" in text
     assert "attention 3.00x, lstm 1.00x, gla 2.00x" in text
+    within_noise = summary_of({("attention", 1.0): 1.99, ("lstm", 1.0): 2.0}, speed)
+    assert verdict(within_noise).startswith("the paper's direction does NOT reproduce")
+    assert "does not beat the LSTM (1.990 vs 2.000" in verdict(within_noise)
     reversed_ = summary_of({("attention", 1.0): 2.1, ("lstm", 1.0): 2.0}, speed)
     assert verdict(reversed_).startswith("the paper's direction does NOT reproduce")
     assert "2.100 vs 2.000" in verdict(reversed_)

@@ -29,7 +29,10 @@ def test_a_bad_config_fails_at_start(tmp_path, change, message):
 
 
 def summary_of(gaps: dict[str, float]) -> Summary:
-    rows = [dict(method=method, gap=(gap, 0.0, 1)) for method, gap in gaps.items()]
+    """A one-seed summary of the methods' gaps, with a teacher of perplexity 10 (so a verdict
+    margin of 0.1)."""
+    rows = [dict(method="teacher", perplexity=(10.0, 0.0, 1), gap=(0.0, 0.0, 1))]
+    rows += [dict(method=method, gap=(gap, 0.0, 1)) for method, gap in gaps.items()]
     return Summary(rows, [0], {})
 
 
@@ -37,11 +40,14 @@ def summary_of(gaps: dict[str, float]) -> Summary:
 def test_the_verdict_follows_the_gaps():
     paper = summary_of({"elu_swap": 3.0, "hedgehog": 1.0, "lolcats": 0.2, "liger": 0.25})
     assert verdict(paper).startswith("the papers' ordering (iii) ~ (iv) < (ii) < (i) reproduces")
-    apart = summary_of({"elu_swap": 3.0, "hedgehog": 1.0, "lolcats": 0.1, "liger": 0.9})
+    apart = summary_of({"elu_swap": 3.0, "hedgehog": 1.0, "lolcats": 0.1, "liger": 0.8})
     assert verdict(apart).startswith("the papers' strict ordering (iii), (iv) < (ii) < (i)")
     assert "LoLCATs and Liger are not close" in verdict(apart)
     part = summary_of({"elu_swap": 3.0, "hedgehog": 1.0, "lolcats": 1.5, "liger": 0.5})
     assert verdict(part).startswith("the papers' ordering reproduces in part (2 of 3")
+    within_noise = summary_of({"elu_swap": 1.05, "hedgehog": 1.0, "lolcats": 0.2, "liger": 0.25})
+    assert verdict(within_noise).startswith("the papers' ordering reproduces in part (2 of 3")
+    assert "(ii) Hedgehog >= (i) elu+1 swap" in verdict(within_noise)
     reversed_ = summary_of({"elu_swap": 0.5, "hedgehog": 1.0, "lolcats": 2.0, "liger": 3.0})
     assert verdict(reversed_).startswith("the papers' ordering does NOT reproduce")
     assert verdict(summary_of({"hedgehog": 1.0})).startswith("not all four methods were run")
