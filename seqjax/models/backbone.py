@@ -293,7 +293,14 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(c.norm_eps)
 
     def __call__(self, inputs, segment_ids, positions, caches):
-        x = self.embed(inputs)
+        if self.config.vocab_size is None:
+            x = self.embed(inputs)
+        else:
+            # The table whole along embed (FSDP's all-gather, made explicit): the partitioner
+            # gathers rows of a vocab-sharded table, but from the embed-sharded one it fell
+            # back to a full rematerialization under a batch- and sequence-sharded input.
+            table = nn.with_logical_constraint(self.embed.embedding, ("vocab", None))
+            x = jnp.take(table, inputs, axis=0)
         bounds = {
             kind: cumulative_lower_bounds(logits).reshape(self.repeats, -1, logits.shape[-1])
             for kind, logits in self.bound_logits.items()
