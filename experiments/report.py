@@ -5,8 +5,10 @@
 For each study (every `configs/studies/<name>.py` with its `experiments/<name>.py`, in the
 order of their numbers): its title, the paper's claim, and for each size that has results
 (`results/studies/<name>/<size>.md` and `.png`, written by the study script) the table with its
-seeds and command, the verdict computed from the numbers, and the figure. Nothing in the page
-is typed by hand beyond the claims: rerun the studies, then this, to regenerate it.
+seeds and command, the verdict computed from the numbers, the figure, and our reading of the
+result where one is written (`results/studies/<name>/<size>.reading.md`: why we think a
+direction did not reproduce, or what a number does not show). Nothing else in the page is typed
+by hand beyond the claims: rerun the studies, then this, to regenerate it.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ def section(study: Study, results: Path, docs: Path) -> list[str]:
         if figure.exists():
             relative = Path(os.path.relpath(figure, docs.parent)).as_posix()
             lines += [f"![{study.title}, {size}]({relative})", ""]
+        reading = results / study.name / f"{size}.reading.md"
+        if reading.exists():
+            lines += [f"**Reading** (by hand): {reading.read_text().strip()}", ""]
     if not ran:
         lines += [f"Not run yet: `{study.command('default')}`.", ""]
     return lines

@@ -46,6 +46,13 @@ def test_a_study_records_tabulates_plots_and_reports(tmp_path):
     page = report.build(tmp_path, tmp_path / "docs" / "results.md")
     assert "## 7. Forms of the same layer" in page and table.strip() in page
     assert "](../forms/quick.png)" in page
+    assert "Reading" not in page
+    (tmp_path / "forms" / "quick.reading.md").write_text("The quick size means nothing.\n")
+    page = report.build(tmp_path, tmp_path / "docs" / "results.md")
+    assert (
+        "![Forms of the same layer, quick](../forms/quick.png)\n\n**Reading** (by hand): "
+        "The quick size means nothing." in page
+    )
 
 
 @pytest.mark.parametrize(
