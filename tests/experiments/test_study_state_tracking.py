@@ -46,19 +46,32 @@ def summary_of(accuracy: dict[tuple[str, str], float]) -> Summary:
 
 
 def test_the_verdict_follows_the_mean_accuracies():
-    paper = summary_of(
-        {
-            ("parity", "diag_lrnn[-1,1]"): 1.0,
-            ("parity", "diag_lrnn[0,1]"): 0.5,
-            ("parity", "delta_net(0,2)"): 0.9,
-            ("parity", "delta_net(0,1)"): 0.5,
-        }
-    )
+    paper_accuracies = {
+        ("parity", "diag_lrnn[-1,1]"): 1.0,
+        ("parity", "diag_lrnn[0,1]"): 0.5,
+        ("parity", "delta_net(0,2)"): 0.9,
+        ("parity", "delta_net(0,1)"): 0.5,
+    }
+    paper = summary_of(paper_accuracies)
     assert verdict(paper).startswith("the paper's direction reproduces:")
     reversed_ = summary_of({("parity", "diag_lrnn[-1,1]"): 0.5, ("parity", "diag_lrnn[0,1]"): 0.6})
     assert verdict(reversed_).startswith("the paper's direction does NOT reproduce")
     assert "0.500 vs 0.600" in verdict(reversed_)
     within_noise = summary_of(
-        {("parity", "diag_lrnn[-1,1]"): 0.54, ("parity", "diag_lrnn[0,1]"): 0.5}
+        {
+            ("parity", "diag_lrnn[-1,1]"): 0.54,
+            ("parity", "diag_lrnn[0,1]"): 0.5,
+            ("parity", "lstm"): 0.9,
+        }
     )
     assert verdict(within_noise).startswith("the paper's direction does NOT reproduce")
+    # Nothing learned modular counting, not even the control: it is named, not counted.
+    at_chance = {
+        ("modular_counting", m): 0.35 for m in ("diag_lrnn[-1,1]", "diag_lrnn[0,1]", "lstm")
+    }
+    text = verdict(summary_of({**at_chance, **dict(paper_accuracies)}))
+    assert text.startswith("the paper's direction reproduces: parity")
+    assert text.endswith(
+        "no model, the controls included, beats chance on it: modular_counting (chance 0.333)."
+    )
+    assert verdict(summary_of(at_chance)).startswith("nothing to compare; untested")
