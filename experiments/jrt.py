@@ -27,8 +27,8 @@ Models (two layers of the mixer, each followed by an MLP):
   (the key-value blocks of MQAR, both sets of set disjointness);
 - `attention`: softmax attention, the control whose recall does not depend on a fixed state.
 
-With `use_short_conv` every model convolves each token projection over the last few tokens:
-the linear attentions get the local mixing the papers' architectures get from gated-convolution
+The models of `short_conv` convolve each token projection over the last few tokens: the
+linear attentions get the local mixing the papers' architectures get from gated-convolution
 layers (without it they cannot tie a value to the key before it), and attention becomes
 Primer's multi-dconv-head attention (without it, the first default run of this study left
 attention at accuracy 0.29 on MQAR read twice after 2000 steps, and study 2's probes saw it
@@ -101,7 +101,7 @@ def train_config(
 ) -> ml_collections.ConfigDict:
     """The `seqjax.train` config of one (task, variant, model)."""
     options, context = task_options(config, task, variant)
-    mixer = {"num_heads": config.num_heads, "use_short_conv": config.use_short_conv}
+    mixer = {"num_heads": config.num_heads, "use_short_conv": model in config.short_conv}
     if model in RECURRENT:
         mixer["feature_dim"] = config.feature_dim
     if model == "jrt_rnn":
@@ -145,8 +145,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             fail(field, f"expected a positive integer, got {config[field]}")
     if config.width % config.num_heads:
         fail("width", f"{config.width} is not a multiple of num_heads = {config.num_heads}")
-    if not isinstance(config.use_short_conv, bool):
-        fail("use_short_conv", f"expected a bool, got {config.use_short_conv!r}")
+    check_choices("short_conv", config.short_conv, MODELS)
     if not config.learning_rate > 0:
         fail("learning_rate", f"expected > 0, got {config.learning_rate}")
     if config.train_examples < config.train_steps * config.batch_size:

@@ -37,10 +37,11 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
     config.num_layers = 2
     config.num_heads = 2
     config.feature_dim = 2
-    # Short convolutions on every model's projections, as Based and JRT-RNN get from their
-    # gated-convolution layers (without them no linear attention learns MQAR); attention's is
-    # Primer's, so that the control differs from the others only in its mixer.
-    config.use_short_conv = True
+    # The models with short convolutions on their projections: all of them, the linear
+    # attentions as Based and JRT-RNN get them from their gated-convolution layers (without
+    # them no linear attention learns MQAR), attention as Primer's, so that the control
+    # differs from the others only in its mixer.
+    config.short_conv = ("based", "jrt_rnn", "attention")
     config.learning_rate = 3e-3
     config.train_steps = 2000
     config.batch_size = 32

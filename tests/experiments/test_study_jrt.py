@@ -23,6 +23,7 @@ def quick_config():
         (dict(tasks=("mqar", "parity")), r"config\.tasks: unknown entry 'parity'"),
         (dict(mqar=dict(length=10)), r"config\.mqar: two_passes: length: expected at least .* 12"),
         (dict(sd=dict(small_set=6)), r"config\.sd\.small_set: expected fewer elements"),
+        (dict(short_conv=("based", "lstm")), r"config\.short_conv: unknown entry 'lstm'"),
     ],
 )
 def test_a_bad_config_fails_at_start(tmp_path, change, message):
