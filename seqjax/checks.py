@@ -81,6 +81,15 @@ def check_floating(name: str, x: jax.Array, *, allow_complex: bool = False) -> N
         raise TypeError(f"{name}: expected {kind} array, got dtype {dtype}")
 
 
+def check_tokens(name: str, tokens: jax.Array) -> None:
+    """`tokens` must be an integer array `[B, T]` of token ids."""
+    if np.ndim(tokens) != 2:
+        raise ValueError(f"{name}: expected token ids [B, T], got shape {np.shape(tokens)}")
+    if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
+        dtype = jnp.result_type(tokens)
+        raise TypeError(f"{name}: expected integer token ids [B, T], got dtype {dtype}")
+
+
 def check_segment_ids(segment_ids: jax.Array | None, batch: int, length: int) -> None:
     """`segment_ids` must be an integer array `[B, T]`."""
     if segment_ids is None:

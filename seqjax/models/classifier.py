@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from seqjax.checks import check_tokens
 from seqjax.models.backbone import Backbone, BackboneConfig
 from seqjax.nn.layers import dense
 from seqjax.nn.mixer import frozen, positive, require
@@ -40,11 +41,11 @@ class SequenceClassifier(nn.Module):
         """`inputs: [B, T]` tokens (or `[B, T, F]` features when `vocab_size` is None) ->
         logits `[B, num_classes]` float32."""
         c = self.config
+        if c.vocab_size is not None:
+            check_tokens("inputs", inputs)
+        elif inputs.ndim != 3:
+            raise ValueError(f"inputs: expected features [B, T, F], got shape {inputs.shape}")
         batch, length = inputs.shape[:2]
-        expected = 2 if c.vocab_size is not None else 3
-        if inputs.ndim != expected:
-            kind = "tokens [B, T]" if expected == 2 else "features [B, T, F]"
-            raise ValueError(f"inputs: expected {kind}, got shape {inputs.shape}")
         if mask is None:
             mask = jnp.ones((batch, length), bool)
         elif mask.shape != (batch, length):

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from seqjax.checks import check_tokens
 from seqjax.models.backbone import MIXERS, Backbone, BackboneConfig
 from seqjax.nn.layers import dense
 from seqjax.nn.mixer import default_positions, frozen, require
@@ -57,6 +58,7 @@ class LanguageModel(nn.Module):
         cache: LanguageModelCache | None = None,
     ) -> tuple[jax.Array, LanguageModelCache]:
         """`tokens: [B, T]` int -> `(logits [B, T, vocab] float32, cache)`."""
+        check_tokens("tokens", tokens)
         batch, length = tokens.shape
         if positions is None:
             offset = None if cache is None else cache.position

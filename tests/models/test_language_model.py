@@ -126,6 +126,20 @@ def test_bad_config_names_the_field(change, field):
         LanguageModelConfig(**{**fields, **change})
 
 
+@pytest.mark.parametrize(
+    "bad, error, message",
+    [
+        (jnp.zeros((2, 9), jnp.float32), TypeError, r"^tokens: expected integer token ids"),
+        (jnp.zeros((2, 9, 1), jnp.int32), ValueError, r"^tokens: expected token ids \[B, T\]"),
+    ],
+)
+def test_bad_tokens_are_named(bad, error, message):
+    model = build(LanguageModelConfig(VOCAB, WIDTH, ("gla",), mixer_options=SMALL))
+    params = model.init(jax.random.key(1), tokens())
+    with pytest.raises(error, match=message):
+        model.apply(params, bad)
+
+
 def test_blocks_without_mlp_and_the_sequence_classifier():
     config = hybrid(layers=("gla", "attention"), mlp=False)
     params = build(config).init(jax.random.key(1), tokens())
@@ -145,7 +159,7 @@ def test_blocks_without_mlp_and_the_sequence_classifier():
     # The last valid token of a right-padded row sees exactly the unpadded sequence.
     alone = classifier.apply(params, features[:1, :4])
     assert_trees_close(logits[:1], alone, 1e-5, "right padding")
-    with pytest.raises(ValueError, match=r"^inputs:"):
+    with pytest.raises(ValueError, match=r"^inputs: expected features \[B, T, F\]"):
         classifier.apply(params, tokens())
 
 
