@@ -43,6 +43,12 @@ states `[B, H, N, K, V]` (N = T / C). Its backward pass recomputes each chunk's 
 differentiates them with `jax.vjp`, and runs the inter-chunk recurrence in reverse
 (`dS_n = dS_n^local + exp(exit - enter) dS_{n+1}`, by the forward pass's `pass_states`).
 
+**Blocks.** On CPU both passes run over blocks of chunks (`scan_blocks`): a block's chunks
+are processed in parallel, then the state leaving it enters the next block (in reverse, its
+cotangent leaves the block's backward for the one before). Blocks of `BLOCK_BYTES` per input
+keep the intermediates in cache: at B = 2, H = 4, K = 64 the forward ran 1.3x (T = 4K) and
+1.6x (T = 16K) faster than over all chunks at once, with a third of the memory.
+
 Layout: `[B, H, N, C, ...]` (batch, head, chunk, position in chunk), float32 throughout. Heads
 before chunks make every matmul a plain batched one; XLA:CPU runs the batched `C x K x C`
 matmuls 2.7x faster in this layout than with heads after the chunk positions.
@@ -68,6 +74,10 @@ TILE = 8
 FACTORED_EXPONENT_LIMIT = 20.0
 # Chunks per group of the tiled form's loop (see `_tiled_intra_scores_by_chunk_groups`).
 TILED_CHUNK_GROUP = 8
+# Bytes of the largest input of a block of `scan_blocks` on CPU: the chunked forms do their
+# chunk-parallel work one block at a time, so that its intermediates stay in cache (XLA:CPU's
+# per-token rate fell by half from T = 512 to 32K when every chunk was processed at once).
+BLOCK_BYTES = 2**19
 
 
 class Potentials(NamedTuple):
@@ -375,6 +385,63 @@ def _tiled_intra_scores(
     return scores.reshape(batch, heads, num_chunks, size, size) * mask
 
 
+def block_chunks(xs) -> int:
+    """Chunks per block of `scan_blocks` for the leaves of `xs` (chunks on axis 2): on CPU as
+    many as keep the largest leaf's block within `BLOCK_BYTES`; elsewhere all of them (an
+    accelerator wants the parallel work at once, and its chunked forms are the fallback of
+    the Pallas kernels)."""
+    leaves = jax.tree.leaves(xs)
+    num_chunks = leaves[0].shape[2]
+    if jax.default_backend() != "cpu":
+        return num_chunks
+    per_chunk = max(x.size // x.shape[2] * x.dtype.itemsize for x in leaves)
+    return max(1, BLOCK_BYTES // per_chunk)
+
+
+def scan_blocks(fn, carry, xs, reverse: bool = False):
+    """Runs `carry, ys_block = fn(carry, xs_block)` over blocks of `block_chunks(xs)` chunks.
+
+    Every leaf of `xs` (a pytree; None leaves allowed) has its chunks on axis 2, as does every
+    leaf of `ys`, which is returned whole with the last carry. `reverse` visits the blocks from
+    the last. A sequence of at most one block is one call; otherwise the full blocks run in a
+    loop that writes `ys` in place, and the shorter last block (if any) is one more call.
+    """
+    num_chunks = jax.tree.leaves(xs)[0].shape[2]
+    size = block_chunks(xs)
+    if num_chunks <= size:
+        return fn(carry, xs)
+    full = num_chunks // size * size
+
+    def block(start, size):
+        return jax.tree.map(lambda x: lax.dynamic_slice_in_dim(x, start, size, 2), xs)
+
+    def stitched(ys_shape):
+        return jax.tree.map(
+            lambda y: jnp.zeros((*y.shape[:2], num_chunks, *y.shape[3:]), y.dtype), ys_shape
+        )
+
+    def step(i, loop_carry):
+        carry, ys = loop_carry
+        start = (full // size - 1 - i if reverse else i) * size
+        carry, ys_block = fn(carry, block(start, size))
+        put = functools.partial(lax.dynamic_update_slice_in_dim, start_index=start, axis=2)
+        return carry, jax.tree.map(put, ys, ys_block)
+
+    def loop(carry, ys):
+        return lax.fori_loop(0, full // size, step, (carry, ys))
+
+    def last(carry, ys):
+        if full == num_chunks:
+            return carry, ys
+        carry, ys_block = fn(carry, block(full, num_chunks - full))
+        return carry, jax.tree.map(lambda y, b: y.at[:, :, full:].set(b), ys, ys_block)
+
+    ys = stitched(jax.eval_shape(fn, carry, block(0, size))[1])
+    if reverse:
+        return loop(*last(carry, ys))
+    return last(*loop(carry, ys))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def chunked(
     q: jax.Array,
@@ -391,8 +458,14 @@ def chunked(
     Returns `(o [B, H, N, C, V], final_state [B, H, K, V], states [B, H, N, K, V])`, the
     last being the states entering every chunk. Reverse-mode only (a `custom_vjp`).
     """
-    states, final = pass_states(*chunk_summaries(k, v, pot, counts), initial_state)
-    return chunk_outputs(q, k, v, pot, counts, states, tile), final, states
+
+    def block(state, xs):
+        q, k, v, pot, counts = xs
+        states, final = pass_states(*chunk_summaries(k, v, pot, counts), state)
+        return final, (chunk_outputs(q, k, v, pot, counts, states, tile), states)
+
+    final, (o, states) = scan_blocks(block, initial_state, (q, k, v, pot, counts))
+    return o, final, states
 
 
 def _chunked_fwd(q, k, v, pot, initial_state, counts, tile):
@@ -403,27 +476,33 @@ def _chunked_fwd(q, k, v, pot, initial_state, counts, tile):
 def _chunked_bwd(tile, residuals, cotangents):
     q, k, v, pot, counts, states = residuals
     d_out, d_final, d_states = cotangents
-    _, outputs_vjp = jax.vjp(
-        lambda q, k, v, pot, states: chunk_outputs(q, k, v, pot, counts, states, tile),
-        q,
-        k,
-        v,
-        pot,
-        states,
-    )
-    dq, dk, dv, d_pot, d_states_read = outputs_vjp(d_out)
-    (decay, _), summaries_vjp = jax.vjp(
-        lambda k, v, pot: chunk_summaries(k, v, pot, counts), k, v, pot
-    )
-    # Gradient w.r.t. the state leaving chunk n (entering n + 1): what chunk n + 1 reads
-    # from it, plus what flows back through chunk n + 1's decay.
-    d_leaving, d_initial = pass_states(decay, d_states_read + d_states, d_final, reverse=True)
-    d_decay = jnp.sum(d_leaving * states, axis=-1, keepdims=True)
-    if decay.shape[-2] == 1:
-        d_decay = jnp.sum(d_decay, axis=-2, keepdims=True)
-    dk2, dv2, d_pot2 = summaries_vjp((d_decay, d_leaving))
-    d_pot = jax.tree.map(jnp.add, d_pot, d_pot2)
-    return dq, dk + dk2, dv + dv2, d_pot, d_initial, None
+
+    def block(d_final, xs):
+        q, k, v, pot, counts, states, d_out, d_states = xs
+        _, outputs_vjp = jax.vjp(
+            lambda q, k, v, pot, states: chunk_outputs(q, k, v, pot, counts, states, tile),
+            q,
+            k,
+            v,
+            pot,
+            states,
+        )
+        dq, dk, dv, d_pot, d_states_read = outputs_vjp(d_out)
+        (decay, _), summaries_vjp = jax.vjp(
+            lambda k, v, pot: chunk_summaries(k, v, pot, counts), k, v, pot
+        )
+        # Gradient w.r.t. the state leaving chunk n (entering n + 1): what chunk n + 1 reads
+        # from it, plus what flows back through chunk n + 1's decay.
+        d_leaving, d_initial = pass_states(decay, d_states_read + d_states, d_final, reverse=True)
+        d_decay = jnp.sum(d_leaving * states, axis=-1, keepdims=True)
+        if decay.shape[-2] == 1:
+            d_decay = jnp.sum(d_decay, axis=-2, keepdims=True)
+        dk2, dv2, d_pot2 = summaries_vjp((d_decay, d_leaving))
+        return d_initial, (dq, dk + dk2, dv + dv2, jax.tree.map(jnp.add, d_pot, d_pot2))
+
+    xs = (q, k, v, pot, counts, states, d_out, d_states)
+    d_initial, (dq, dk, dv, d_pot) = scan_blocks(block, d_final, xs, reverse=True)
+    return dq, dk, dv, d_pot, d_initial, None
 
 
 chunked.defvjp(_chunked_fwd, _chunked_bwd)

@@ -31,11 +31,12 @@ each chunk's output is then `chunked_linear_attention.chunk_outputs` with values
 
 Impls: `"reference"` (the token loop above), `"chunked"` (the chunk form, a `custom_vjp` that
 keeps only the inputs and the chunk-entering states and recomputes `U`, `W` in the backward
-pass; what `"auto"` picks), `"parallel"` (the chunk form with one chunk as long as the
-sequence, differentiated by JAX; O(T^2) memory and an O(T^3) solve, for short sequences and
-as a second reference), and `"pallas"` (the kernels of `pallas_kernels.delta_rule`, see
-`seqjax.kernels`: what `"auto"` picks on TPU and GPU; packed segments fall back to
-`"chunked"`). The chunked and Pallas impls support reverse-mode differentiation only.
+pass, over blocks of chunks as the engine's `chunked`; what `"auto"` picks), `"parallel"`
+(the chunk form with one chunk as long as the sequence, differentiated by JAX; O(T^2) memory
+and an O(T^3) solve, for short sequences and as a second reference), and `"pallas"` (the
+kernels of `pallas_kernels.delta_rule`, see `seqjax.kernels`: what `"auto"` picks on TPU and
+GPU; packed segments fall back to `"chunked"`). The chunked and Pallas impls support
+reverse-mode differentiation only.
 """
 
 from __future__ import annotations
@@ -238,18 +239,35 @@ def _parts_and_states(k, v, beta, pot, counts, initial_state):
     return u_part, w_part, states, final
 
 
-# Reverse-mode only: keeps the inputs and the chunk-entering states, recomputes the rest.
-chunked = jax.custom_vjp(chunk_form)
+@jax.custom_vjp
+def chunked(q, k, v, beta, pot, initial_state, counts):
+    """`chunk_form` a block of chunks at a time (`engine.scan_blocks`). Reverse-mode only:
+    keeps the inputs and the chunk-entering states, recomputes the rest."""
+
+    def block(state, xs):
+        o, final, states = chunk_form(*xs[:5], state, xs[5])
+        return final, (o, states)
+
+    final, (o, states) = engine.scan_blocks(block, initial_state, (q, k, v, beta, pot, counts))
+    return o, final, states
 
 
 def _chunked_fwd(q, k, v, beta, pot, initial_state, counts):
-    out = chunk_form(q, k, v, beta, pot, initial_state, counts)
+    out = chunked(q, k, v, beta, pot, initial_state, counts)
     return out, (q, k, v, beta, pot, counts, out[2])
 
 
 def _chunked_bwd(residuals, cotangents):
-    q, k, v, beta, pot, counts, states = residuals
     d_out, d_final, d_states = cotangents
+    xs = (*residuals, d_out, d_states)
+    d_initial, grads = engine.scan_blocks(_block_bwd, d_final, xs, reverse=True)
+    dq, dk, dv, d_beta, d_pot = grads
+    return dq, dk, dv, d_beta, d_pot, d_initial, None
+
+
+def _block_bwd(d_final, xs):
+    """The cotangents of one block's inputs and of the state entering it."""
+    q, k, v, beta, pot, counts, states, d_out, d_states = xs
     (u_part, w_part), ut_vjp = jax.vjp(
         lambda k, v, beta, pot: ut_transform(k, v, beta, pot, counts), k, v, beta, pot
     )
@@ -281,7 +299,7 @@ def _chunked_bwd(residuals, cotangents):
     dk2, du_part2, dw_part2, d_pot2 = transitions_vjp((d_transition, d_leaving))
     dk3, dv, d_beta, d_pot3 = ut_vjp((du_part + du_part2, dw_part + dw_part2))
     d_pot = jax.tree.map(lambda *xs: sum(xs), d_pot, d_pot2, d_pot3)
-    return dq, dk + dk2 + dk3, dv, d_beta, d_pot, d_initial, None
+    return d_initial, (dq, dk + dk2 + dk3, dv, d_beta, d_pot)
 
 
 chunked.defvjp(_chunked_fwd, _chunked_bwd)
