@@ -416,6 +416,10 @@ def scan_blocks(fn, carry, xs, reverse: bool = False):
     def block(start, size):
         return jax.tree.map(lambda x: lax.dynamic_slice_in_dim(x, start, size, 2), xs)
 
+    def write(ys, ys_block, start):
+        put = functools.partial(lax.dynamic_update_slice_in_dim, start_index=start, axis=2)
+        return jax.tree.map(put, ys, ys_block)
+
     def stitched(ys_shape):
         return jax.tree.map(
             lambda y: jnp.zeros((*y.shape[:2], num_chunks, *y.shape[3:]), y.dtype), ys_shape
@@ -425,8 +429,7 @@ def scan_blocks(fn, carry, xs, reverse: bool = False):
         carry, ys = loop_carry
         start = (full // size - 1 - i if reverse else i) * size
         carry, ys_block = fn(carry, block(start, size))
-        put = functools.partial(lax.dynamic_update_slice_in_dim, start_index=start, axis=2)
-        return carry, jax.tree.map(put, ys, ys_block)
+        return carry, write(ys, ys_block, start)
 
     def loop(carry, ys):
         return lax.fori_loop(0, full // size, step, (carry, ys))
@@ -435,7 +438,7 @@ def scan_blocks(fn, carry, xs, reverse: bool = False):
         if full == num_chunks:
             return carry, ys
         carry, ys_block = fn(carry, block(full, num_chunks - full))
-        return carry, jax.tree.map(lambda y, b: y.at[:, :, full:].set(b), ys, ys_block)
+        return carry, write(ys, ys_block, full)
 
     ys = stitched(jax.eval_shape(fn, carry, block(0, size))[1])
     if reverse:
