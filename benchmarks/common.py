@@ -1,7 +1,12 @@
 """Timing, memory and table helpers shared by the benchmark scripts.
 
 Timings are medians of interleaved repeats: every candidate runs once per round, so a noisy
-neighbour slows all of them alike and the ratios between them stay meaningful.
+neighbour slows all of them alike and the ratios between them stay meaningful. Each timed
+call directly follows an untimed call of the same executable: the first call after another
+executable ran is slow on this machine (simple GLA's forward at T = 4K took 124 ms right after
+its token loop's forward+backward, which plans 1.2 GiB, and 31 ms on the next call; the
+memory the other program freed is paged in again), and what a training loop sees is the
+repeated call.
 """
 
 from __future__ import annotations
@@ -28,16 +33,13 @@ def temp_bytes(compiled: Any) -> int:
     return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
-def median_seconds(
-    compiled: dict[str, Any], *args: Any, repeats: int = 5, warmup: int = 1
-) -> dict[str, float]:
-    """Median wall time of each executable, measured round-robin."""
-    for fn in compiled.values():
-        for _ in range(warmup):
-            jax.block_until_ready(fn(*args))
+def median_seconds(compiled: dict[str, Any], *args: Any, repeats: int = 5) -> dict[str, float]:
+    """Median wall time of each executable, measured round-robin, every timed call right
+    after an untimed one of the same executable (module docstring)."""
     times: dict[str, list[float]] = {name: [] for name in compiled}
     for _ in range(repeats):
         for name, fn in compiled.items():
+            jax.block_until_ready(fn(*args))
             start = time.perf_counter()
             jax.block_until_ready(fn(*args))
             times[name].append(time.perf_counter() - start)

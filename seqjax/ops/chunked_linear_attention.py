@@ -8,8 +8,8 @@ GLA, mLSTM, prefix linear attention) is, for each head, the recurrence
 with a diagonal decay `D_t` (a scalar per head, or one value per key channel) and a write
 weight `w_t`, computed in chunks of C tokens: within a chunk by masked matmuls, across chunks
 by passing one `[K, V]` state per chunk. The delta rule (`seqjax.ops.delta_rule`) is this
-recurrence too once its writes are solved for, and uses the same pieces (`pass_states` also
-takes its full `[K, K]` chunk transitions).
+recurrence too once its writes are solved for, and uses the same pieces (its own pass through
+the chunks solves for the writes on the way).
 
 **Potentials.** The ops differ only in their gates, and the engine sees the gates in one form:
 log "potentials", per chunk and relative to the state entering it, such that
@@ -186,11 +186,9 @@ def chunk_decay(pot: Potentials, counts: jax.Array | None) -> jax.Array:
 def pass_states(
     decay: jax.Array, increment: jax.Array, state: jax.Array, reverse: bool = False
 ) -> tuple[jax.Array, jax.Array]:
-    """Runs `S <- decay_n S + increment_n` over the chunks n of `[B, H, N, K, V]` from `state`.
-
-    `decay` is diagonal, `[B, H, N, G, 1]`, or a full transition `[B, H, N, K, K]` applied
-    as a matrix (the delta rule's). `reverse` runs the cotangent pass: from the last chunk
-    back, with `decay_n` transposed.
+    """Runs `S <- decay_n S + increment_n` over the chunks n of `[B, H, N, K, V]` from `state`,
+    with the diagonal `decay: [B, H, N, G, 1]`. `reverse` runs the cotangent pass: from the
+    last chunk back.
 
     Returns the state before every step `[B, H, N, K, V]` and the state after the last. In
     the forward pass those are the chunk-entering states and the final state; in reverse, on
@@ -198,7 +196,6 @@ def pass_states(
     """
     num_chunks = increment.shape[2]
     per_chunk = (decay, increment)
-    transposed = "bhji,bhjv->bhiv" if reverse else "bhij,bhjv->bhiv"
 
     # The decay is read unbroadcast. The states go to a fresh buffer: written over the
     # increments, XLA would copy that buffer every step (the write of state n does not
@@ -208,9 +205,7 @@ def pass_states(
         n = num_chunks - 1 - i if reverse else i
         out = lax.dynamic_update_index_in_dim(out, state, n, 2)
         decay_n, increment_n = (lax.dynamic_index_in_dim(x, n, 2, False) for x in per_chunk)
-        if decay_n.shape[-1] == 1:
-            return decay_n * state + increment_n, out
-        return jnp.einsum(transposed, decay_n, state) + increment_n, out
+        return decay_n * state + increment_n, out
 
     last, before = lax.fori_loop(0, num_chunks, step, (state, jnp.zeros_like(increment)))
     return before, last

@@ -23,15 +23,23 @@ representation):
                                                                    (s < t, else 0)
     u = U - W S,    U = (I + A)^-1 diag(beta) V,    W = (I + A)^-1 diag(beta exp(b)) K
 
-`U` and `W` do not depend on `S`, so every chunk computes them at once, and its transition is
-closed-form: `S_leaving = M S + D` with `M = exp(b_C) I - K~^T W` (`[K, K]`) and
-`D = K~^T U` (`[K, V]`), `K~_s = exp(b_C - b_s) k_s`. Only the pass of the states through
-the chunks (`S_{n+1} = M_n S_n + D_n`, one `[K, K] x [K, V]` matmul per chunk) is sequential;
-each chunk's output is then `chunked_linear_attention.chunk_outputs` with values `u`.
+`U` and `W` do not depend on `S`, so every chunk computes them at once. Only the pass
+through the chunks is sequential (`delta_pass`): from the state `S_n` entering chunk n, its
+writes and the state it passes on,
+
+    u_n = U_n - W_n S_n,      S_{n+1} = exp(b_C) S_n + K~_n^T u_n,      K~_s = exp(b_C - b_s) k_s
+
+two `C x K x V` matmuls per chunk; each chunk's output is then
+`chunked_linear_attention.chunk_outputs` with values `u`. The chunk's transition in closed
+form, `S_{n+1} = M S_n + D` with `M = exp(b_C) I - K~^T W` (`[K, K]`) and `D = K~^T U`
+(`chunk_transition`), is what sequence parallelism composes across devices; the pass does not
+form it, since forming and applying `M` costs `K x C x K + K x K x V` per chunk, more than
+the pass's `2 C x K x V` (twice as much at K = 2 C).
 
 Impls: `"reference"` (the token loop above), `"chunked"` (the chunk form, a `custom_vjp` that
-keeps only the inputs and the chunk-entering states and recomputes `U`, `W` in the backward
-pass, over blocks of chunks as the engine's `chunked`; what `"auto"` picks), `"parallel"`
+keeps only the inputs and the chunk-entering states, recomputes `U`, `W` in the backward
+pass and runs the pass's cotangents back through the chunks, over blocks of chunks as the
+engine's `chunked`; what `"auto"` picks), `"parallel"`
 (the chunk form with one chunk as long as the sequence, differentiated by JAX; O(T^2) memory
 and an O(T^3) solve, for short sequences and as a second reference), and `"pallas"` (the
 kernels of `pallas_kernels.delta_rule`, see `seqjax.kernels`: what `"auto"` picks on TPU and
@@ -46,6 +54,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from seqjax import checks, kernels
 from seqjax.ops import chunked_linear_attention as engine
@@ -206,9 +215,80 @@ def writes(u_part: jax.Array, w_part: jax.Array, states: jax.Array) -> jax.Array
     return u_part - jnp.einsum("bhnck,bhnkv->bhncv", w_part, states)
 
 
-def _outputs(q, k, u_part, w_part, pot, counts, states):
-    u = writes(u_part, w_part, states)
-    return engine.chunk_outputs(q, k, u, pot, counts, states, tile=None)
+def delta_pass(
+    u_part: jax.Array, w_part: jax.Array, leaving: jax.Array, decay: jax.Array, state: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The sequential pass through the chunks, from `state: [B, H, K, V]`: for n in order,
+
+        u_n = U_n - W_n S_n,        S_{n+1} = decay_n S_n + leaving_n^T u_n
+
+    with `U = u_part`, `W = w_part`, `leaving = K~ = engine.leaving_keys: [B, H, N, C, K]`,
+    `decay = engine.chunk_decay: [B, H, N, 1, 1]`.
+
+    Returns the writes `u: [B, H, N, C, V]`, the states entering every chunk `[B, H, N, K, V]`
+    and the final state.
+    """
+    num_chunks = u_part.shape[2]
+    per_chunk = (u_part, w_part, leaving, decay)
+
+    def step(n, carry):
+        state, u, states = carry
+        u_part_n, w_part_n, leaving_n, decay_n = (
+            lax.dynamic_index_in_dim(x, n, 2, False) for x in per_chunk
+        )
+        u_n = u_part_n - jnp.einsum("bhck,bhkv->bhcv", w_part_n, state)
+        states = lax.dynamic_update_index_in_dim(states, state, n, 2)
+        u = lax.dynamic_update_index_in_dim(u, u_n, n, 2)
+        state = decay_n * state + jnp.einsum("bhck,bhcv->bhkv", leaving_n, u_n)
+        return state, u, states
+
+    buffers = (
+        jnp.zeros_like(u_part),
+        jnp.zeros((*leaving.shape[:3], *state.shape[2:]), state.dtype),
+    )
+    final, u, states = lax.fori_loop(0, num_chunks, step, (state, *buffers))
+    return u, states, final
+
+
+def _delta_pass_bwd(
+    du_local: jax.Array,
+    d_states: jax.Array,
+    w_part: jax.Array,
+    leaving: jax.Array,
+    decay: jax.Array,
+    d_final: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The cotangents of `delta_pass`, from the last chunk back: with `G` the cotangent of
+    the state leaving chunk n (`d_final` for the last),
+
+        du_n = du_local_n + leaving_n G,      dS_n = d_states_n + decay_n G - W_n^T du_n
+
+    where `du_local`, `d_states` are the cotangents of the writes and the entering states
+    through everything but the pass (the outputs, and `d_states` given by the caller).
+
+    Returns `du: [B, H, N, C, V]`, the cotangents of the leaving states `[B, H, N, K, V]`
+    and that of the initial state.
+    """
+    num_chunks = du_local.shape[2]
+    per_chunk = (du_local, d_states, w_part, leaving, decay)
+
+    def step(i, carry):
+        d_leaving_state, du, d_leaving_states = carry
+        n = num_chunks - 1 - i
+        du_local_n, d_states_n, w_part_n, leaving_n, decay_n = (
+            lax.dynamic_index_in_dim(x, n, 2, False) for x in per_chunk
+        )
+        du_n = du_local_n + jnp.einsum("bhck,bhkv->bhcv", leaving_n, d_leaving_state)
+        du = lax.dynamic_update_index_in_dim(du, du_n, n, 2)
+        d_leaving_states = lax.dynamic_update_index_in_dim(d_leaving_states, d_leaving_state, n, 2)
+        d_state = (
+            d_states_n + decay_n * d_leaving_state - jnp.einsum("bhck,bhcv->bhkv", w_part_n, du_n)
+        )
+        return d_state, du, d_leaving_states
+
+    buffers = (jnp.zeros_like(du_local), jnp.zeros_like(d_states))
+    d_initial, du, d_leaving_states = lax.fori_loop(0, num_chunks, step, (d_final, *buffers))
+    return du, d_leaving_states, d_initial
 
 
 def chunk_form(
@@ -228,15 +308,15 @@ def chunk_form(
     last being the states entering every chunk. `chunked` is this with a `custom_vjp`;
     `"parallel"` differentiates it plainly, with one chunk.
     """
-    u_part, w_part, states, final = _parts_and_states(k, v, beta, pot, counts, initial_state)
-    return _outputs(q, k, u_part, w_part, pot, counts, states), final, states
+    u, states, final = _writes_and_states(k, v, beta, pot, counts, initial_state)
+    return engine.chunk_outputs(q, k, u, pot, counts, states, tile=None), final, states
 
 
-def _parts_and_states(k, v, beta, pot, counts, initial_state):
-    """`U`, `W` of every chunk, the chunk-entering states and the final state."""
+def _writes_and_states(k, v, beta, pot, counts, initial_state):
+    """The writes `u` of every chunk, the chunk-entering states and the final state."""
     u_part, w_part = ut_transform(k, v, beta, pot, counts)
-    states, final = engine.pass_states(*transitions(k, u_part, w_part, pot, counts), initial_state)
-    return u_part, w_part, states, final
+    leaving = engine.leaving_keys(k, pot, counts)
+    return delta_pass(u_part, w_part, leaving, engine.chunk_decay(pot, counts), initial_state)
 
 
 @jax.custom_vjp
@@ -266,38 +346,39 @@ def _chunked_bwd(residuals, cotangents):
 
 
 def _block_bwd(d_final, xs):
-    """The cotangents of one block's inputs and of the state entering it."""
+    """The cotangents of one block's inputs and of the state entering it.
+
+    The writes are recomputed from the kept entering states at once (`u = U - W S`); the
+    outputs' cotangents then enter `_delta_pass_bwd`, whose cotangents of the writes and of
+    the leaving states give those of `U`, `W`, `K~` and the chunk decay.
+    """
     q, k, v, beta, pot, counts, states, d_out, d_states = xs
     (u_part, w_part), ut_vjp = jax.vjp(
         lambda k, v, beta, pot: ut_transform(k, v, beta, pot, counts), k, v, beta, pot
     )
+    (leaving, decay), gates_vjp = jax.vjp(
+        lambda k, pot: (engine.leaving_keys(k, pot, counts), engine.chunk_decay(pot, counts)),
+        k,
+        pot,
+    )
+    u = writes(u_part, w_part, states)
     _, outputs_vjp = jax.vjp(
-        lambda q, k, u_part, w_part, pot, states: _outputs(
-            q, k, u_part, w_part, pot, counts, states
-        ),
+        lambda q, k, u, pot, states: engine.chunk_outputs(q, k, u, pot, counts, states, None),
         q,
         k,
-        u_part,
-        w_part,
+        u,
         pot,
         states,
     )
-    dq, dk, du_part, dw_part, d_pot, d_states_read = outputs_vjp(d_out)
-    (transition, _), transitions_vjp = jax.vjp(
-        lambda k, u_part, w_part, pot: transitions(k, u_part, w_part, pot, counts),
-        k,
-        u_part,
-        w_part,
-        pot,
+    dq, dk, du_local, d_pot, d_states_read = outputs_vjp(d_out)
+    du, d_leaving_states, d_initial = _delta_pass_bwd(
+        du_local, d_states_read + d_states, w_part, leaving, decay, d_final
     )
-    # Gradient w.r.t. the state leaving chunk n: what chunk n + 1 reads from it, plus what
-    # flows back through chunk n + 1's transition.
-    d_leaving, d_initial = engine.pass_states(
-        transition, d_states_read + d_states, d_final, reverse=True
-    )
-    d_transition = jnp.einsum("bhnkv,bhnjv->bhnkj", d_leaving, states)
-    dk2, du_part2, dw_part2, d_pot2 = transitions_vjp((d_transition, d_leaving))
-    dk3, dv, d_beta, d_pot3 = ut_vjp((du_part + du_part2, dw_part + dw_part2))
+    d_leaving = jnp.einsum("bhncv,bhnkv->bhnck", u, d_leaving_states)
+    d_decay = jnp.sum(d_leaving_states * states, axis=(-2, -1), keepdims=True)
+    dw_part = -jnp.einsum("bhncv,bhnkv->bhnck", du, states)
+    dk2, d_pot2 = gates_vjp((d_leaving, d_decay))
+    dk3, dv, d_beta, d_pot3 = ut_vjp((du, dw_part))
     d_pot = jax.tree.map(lambda *xs: sum(xs), d_pot, d_pot2, d_pot3)
     return d_initial, (dq, dk + dk2 + dk3, dv, d_beta, d_pot)
 
@@ -455,7 +536,7 @@ def chunk_states(
     """The states entering every chunk, `[B, N, H, K, V]` with `N = ceil(T / chunk_size)`:
     state `n` is the state after token `n * chunk_size - 1` (state 0 is `initial_state`)."""
     chunks, state = _validated_chunks(k, v, beta, g, initial_state, segment_ids, chunk_size)
-    states = _parts_and_states(*chunks.parts(), state)[2]
+    states = _writes_and_states(*chunks.parts(), state)[1]
     return jnp.moveaxis(states, 2, 1)
 
 
@@ -478,8 +559,7 @@ def states_after(
     """
     positions = checks.check_positions(positions, *k.shape[:2])
     chunks, state = _validated_chunks(k, v, beta, g, initial_state, segment_ids, chunk_size)
-    u_part, w_part, states, _ = _parts_and_states(*chunks.parts(), state)
-    u = writes(u_part, w_part, states)
+    u, states, _ = _writes_and_states(*chunks.parts(), state)
     after = engine.states_after(chunks.k, u, chunks.pot, chunks.counts, states, positions)
     return jnp.moveaxis(after, 2, 1)
 
