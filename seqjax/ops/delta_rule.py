@@ -242,9 +242,12 @@ def delta_pass(
         state = decay_n * state + jnp.einsum("bhck,bhcv->bhkv", leaving_n, u_n)
         return state, u, states
 
+    # Buffers made from the inputs they hold, so that they vary over the same manual mesh
+    # axes under `shard_map` (sequence parallelism).
+    states_shape = (*state.shape[:2], num_chunks, *state.shape[2:])
     buffers = (
         jnp.zeros_like(u_part),
-        jnp.zeros((*leaving.shape[:3], *state.shape[2:]), state.dtype),
+        jnp.broadcast_to(jnp.zeros_like(state)[:, :, None], states_shape),
     )
     final, u, states = lax.fori_loop(0, num_chunks, step, (state, *buffers))
     return u, states, final
@@ -319,16 +322,24 @@ def _writes_and_states(k, v, beta, pot, counts, initial_state):
     return delta_pass(u_part, w_part, leaving, engine.chunk_decay(pot, counts), initial_state)
 
 
+# `engine.scan_blocks` axes of `(q, k, v, beta, pot, counts)`: `q, k, v` in
+# `engine.time_chunks`, the rest in the engine's layout.
+_AXES = (1, 1, 1, 2, 2, 2)
+
+
 @jax.custom_vjp
 def chunked(q, k, v, beta, pot, initial_state, counts):
-    """`chunk_form` a block of chunks at a time (`engine.scan_blocks`). Reverse-mode only:
-    keeps the inputs and the chunk-entering states, recomputes the rest."""
+    """`chunk_form` a block of chunks at a time (`engine.scan_blocks`), with `q, k, v` (and
+    `o`) in `engine.time_chunks`, `[B, N, C, H, ...]`. Reverse-mode only: keeps the inputs and
+    the chunk-entering states, recomputes the rest."""
 
     def block(state, xs):
-        o, final, states = chunk_form(*xs[:5], state, xs[5])
-        return final, (o, states)
+        q, k, v = (engine.heads_first(x) for x in xs[:3])
+        o, final, states = chunk_form(q, k, v, *xs[3:5], state, xs[5])
+        return final, (engine.heads_last(o), states)
 
-    final, (o, states) = engine.scan_blocks(block, initial_state, (q, k, v, beta, pot, counts))
+    xs = (q, k, v, beta, pot, counts)
+    final, (o, states) = engine.scan_blocks(block, initial_state, xs, _AXES, (1, 2))
     return o, final, states
 
 
@@ -340,7 +351,8 @@ def _chunked_fwd(q, k, v, beta, pot, initial_state, counts):
 def _chunked_bwd(residuals, cotangents):
     d_out, d_final, d_states = cotangents
     xs = (*residuals, d_out, d_states)
-    d_initial, grads = engine.scan_blocks(_block_bwd, d_final, xs, reverse=True)
+    axes = (*_AXES, 2, 1, 2)
+    d_initial, grads = engine.scan_blocks(_block_bwd, d_final, xs, axes, (1, 1, 1, 2, 2), True)
     dq, dk, dv, d_beta, d_pot = grads
     return dq, dk, dv, d_beta, d_pot, d_initial, None
 
@@ -353,6 +365,7 @@ def _block_bwd(d_final, xs):
     the leaving states give those of `U`, `W`, `K~` and the chunk decay.
     """
     q, k, v, beta, pot, counts, states, d_out, d_states = xs
+    q, k, v, d_out = (engine.heads_first(x) for x in (q, k, v, d_out))
     (u_part, w_part), ut_vjp = jax.vjp(
         lambda k, v, beta, pot: ut_transform(k, v, beta, pot, counts), k, v, beta, pot
     )
@@ -380,25 +393,29 @@ def _block_bwd(d_final, xs):
     dk2, d_pot2 = gates_vjp((d_leaving, d_decay))
     dk3, dv, d_beta, d_pot3 = ut_vjp((du, dw_part))
     d_pot = jax.tree.map(lambda *xs: sum(xs), d_pot, d_pot2, d_pot3)
-    return d_initial, (dq, dk + dk2 + dk3, dv, d_beta, d_pot)
+    d_inputs = (engine.heads_last(x) for x in (dq, dk + dk2 + dk3, dv))
+    return d_initial, (*d_inputs, d_beta, d_pot)
 
 
 chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 class _Chunks:
-    """Inputs `[B, T, H, ...]` in the engine's chunk layout, with their potentials and
-    segment counts; `size` tokens per chunk."""
+    """Inputs `[B, T, H, ...]` in chunks of `size` tokens, with their potentials and segment
+    counts: `k, v` in `engine.time_chunks` (as `chunked` takes them), the rest in the
+    engine's layout."""
 
     def __init__(self, k, v, g, beta, segment_ids, size):
         length = k.shape[1]
-        self.pot = engine.decay_potentials(engine.to_chunks(g[..., None], size))
-        self.k, self.v = (engine.to_chunks(x, size) for x in (k, v))
+        self.pot = engine.decay_potentials(g[..., None], size)
+        self.k, self.v = (engine.time_chunks(x, size) for x in (k, v))
         self.beta = engine.to_chunks(beta, size)
         self.counts = engine.segment_counts(segment_ids, length, size)
 
     def parts(self):
-        return self.k, self.v, self.beta, self.pot, self.counts
+        """`k, v, beta, pot, counts`, all in the engine's layout."""
+        k, v = engine.heads_first(self.k), engine.heads_first(self.v)
+        return k, v, self.beta, self.pot, self.counts
 
 
 def _prepare(k, v, g, beta, initial_state, extra=()):
@@ -426,10 +443,15 @@ def _run(q, k, v, g, beta, scale, initial_state, segment_ids, impl, chunk_size):
     length = q.shape[1]
     size = length if impl == "parallel" else min(chunk_size, length)
     chunks = _Chunks(k, v, g, beta, segment_ids, size)
-    q = engine.to_chunks(q, size)
-    form = chunk_form if impl == "parallel" else chunked
-    o, final, _ = form(q, *chunks.parts()[:4], initial_state, chunks.counts)
-    return engine.from_chunks(o, length), final
+    q = engine.time_chunks(q, size)
+    if impl == "parallel":
+        q, parts = engine.heads_first(q), chunks.parts()
+        o, final, _ = chunk_form(q, *parts[:4], initial_state, chunks.counts)
+        o = engine.heads_last(o)
+    else:
+        parts = (chunks.k, chunks.v, chunks.beta, chunks.pot)
+        o, final, _ = chunked(q, *parts, initial_state, chunks.counts)
+    return engine.from_time_chunks(o, length), final
 
 
 def delta_rule(
@@ -518,8 +540,9 @@ def chunk_transition(
     (M2 M1, M2 D1 + D2)`, combines chunks (and devices, for sequence parallelism).
     """
     chunks, _ = _validated_chunks(k, v, beta, g, None, segment_ids, chunk_size)
-    u_part, w_part = ut_transform(*chunks.parts())
-    pieces = transitions(chunks.k, u_part, w_part, chunks.pot, chunks.counts)
+    k, v, beta, pot, counts = chunks.parts()
+    u_part, w_part = ut_transform(k, v, beta, pot, counts)
+    pieces = transitions(k, u_part, w_part, pot, counts)
     return tuple(jnp.moveaxis(x, 2, 1) for x in pieces)
 
 
@@ -559,8 +582,9 @@ def states_after(
     """
     positions = checks.check_positions(positions, *k.shape[:2])
     chunks, state = _validated_chunks(k, v, beta, g, initial_state, segment_ids, chunk_size)
-    u, states, _ = _writes_and_states(*chunks.parts(), state)
-    after = engine.states_after(chunks.k, u, chunks.pot, chunks.counts, states, positions)
+    k, v, beta, pot, counts = chunks.parts()
+    u, states, _ = _writes_and_states(k, v, beta, pot, counts, state)
+    after = engine.states_after(k, u, pot, counts, states, positions)
     return jnp.moveaxis(after, 2, 1)
 
 

@@ -94,17 +94,18 @@ def _reference(q, k, v, log_decay, initial_state, segment_ids):
 def _chunked_form(q, k, v, log_decay, initial_state, segment_ids, chunk_size, parallel):
     length = q.shape[1]
     size = length if parallel else min(chunk_size, length)
-    pot = engine.decay_potentials(engine.to_chunks(log_decay, size))
-    q, k, v = (engine.to_chunks(x, size) for x in (q, k, v))
+    pot = engine.decay_potentials(log_decay, size)
     counts = engine.segment_counts(segment_ids, length, size)
     if parallel:
+        q, k, v = (engine.to_chunks(x, size) for x in (q, k, v))
         states, final = engine.pass_states(
             *engine.chunk_summaries(k, v, pot, counts), initial_state
         )
         o = engine.chunk_outputs(q, k, v, pot, counts, states, tile=None)
-    else:
-        o, final, _ = engine.chunked(q, k, v, pot, initial_state, counts, engine.TILE)
-    return engine.from_chunks(o, length), final
+        return engine.from_chunks(o, length), final
+    q, k, v = (engine.time_chunks(x, size) for x in (q, k, v))
+    o, final, _ = engine.chunked(q, k, v, pot, initial_state, counts, engine.TILE)
+    return engine.from_time_chunks(o, length), final
 
 
 def _decay_and_state(log_decay, initial_state, k, v, acc):
@@ -282,7 +283,7 @@ def _state_pass(k, v, log_decay, initial_state, segment_ids, chunk_size):
         log_decay = log_decay[..., None]
     log_decay, initial_state = _decay_and_state(log_decay, initial_state, k, v, acc)
     size = min(chunk_size, length)
-    pot = engine.decay_potentials(engine.to_chunks(log_decay, size))
+    pot = engine.decay_potentials(log_decay, size)
     k, v = (engine.to_chunks(x.astype(acc), size) for x in (k, v))
     counts = engine.segment_counts(segment_ids, length, size)
     states, _ = engine.pass_states(*engine.chunk_summaries(k, v, pot, counts), initial_state)

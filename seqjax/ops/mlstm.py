@@ -182,7 +182,7 @@ def _potentials(
     m = jnp.moveaxis(m, 2, 1).reshape(i.shape)
     m_exit = m[..., -1]
     m_enter = jnp.concatenate([m_initial[:, :, None], m_exit[..., :-1]], axis=2)
-    cumulative = jnp.cumsum(log_forget, axis=3)
+    cumulative = engine.prefix_sum(log_forget, axis=3)
     potentials = engine.Potentials(
         query=cumulative - m,
         key=cumulative - i,
@@ -209,14 +209,15 @@ def _chunked_form(q, k, v, i, f, initial_state, segment_ids, chunk_size, paralle
     log_forget, i = _chunk_gates(jax.nn.log_sigmoid(f), i, size)
     counts = engine.segment_counts(segment_ids, length, size)
     pot, m, _ = _potentials(log_forget, i, counts, initial_state.m)
-    q, k, v = (engine.to_chunks(x, size) for x in (q, k, engine.with_ones_column(v)))
+    q, k, v = (engine.time_chunks(x, size) for x in (q, k, engine.with_ones_column(v)))
     state = _augmented_state(initial_state)
     if parallel:
+        q, k, v = (engine.heads_first(x) for x in (q, k, v))
         states, final = engine.pass_states(*engine.chunk_summaries(k, v, pot, counts), state)
-        o = engine.chunk_outputs(q, k, v, pot, counts, states, tile=None)
+        o = engine.heads_last(engine.chunk_outputs(q, k, v, pot, counts, states, tile=None))
     else:
         o, final, _ = engine.chunked(q, k, v, pot, state, counts, None)
-    o, m = engine.from_chunks(o, length), engine.from_chunks(m, length)
+    o, m = engine.from_time_chunks(o, length), engine.from_chunks(m, length)
     h = _normalized(o[..., :-1], o[..., -1], m)
     return h, MLSTMState(final[..., :-1], final[..., -1], m[:, -1])
 

@@ -37,7 +37,7 @@ REPRESENTATIVE = {"gla_strong_decays", "gated_delta_rule"}
 
 @pytest.fixture(autouse=True)
 def two_chunk_blocks(monkeypatch):
-    monkeypatch.setattr(engine, "block_chunks", lambda xs: 2)
+    monkeypatch.setattr(engine, "block_chunks", lambda xs, axes: 2)
 
 
 @pytest.mark.parametrize(
