@@ -54,8 +54,9 @@ Layout: `[B, H, N, C, ...]` (batch, head, chunk, position in chunk), float32 thr
 before chunks make every matmul a plain batched one; XLA:CPU runs the batched `C x K x C`
 matmuls 2.7x faster in this layout than with heads after the chunk positions. `chunked` takes
 `q, k, v` (and returns `o`) in `time_chunks`, `[B, N, C, H, ...]`, a reshape of the op's
-`[B, T, H, ...]`, and each block moves its heads first: the whole-sequence transposes in and
-out (and of their cotangents) took a sixth of Gated DeltaNet's fwd+bwd time at K = 128.
+`[B, T, H, ...]`, and each block moves its heads first: without the whole-sequence
+transposes in and out (and of their cotangents), Gated DeltaNet at T = 4K, K = 128 ran its
+forward 14% and its fwd+bwd 8% faster, and planned 28% less fwd+bwd memory.
 """
 
 from __future__ import annotations

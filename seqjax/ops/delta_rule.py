@@ -33,8 +33,9 @@ two `C x K x V` matmuls per chunk; each chunk's output is then
 `chunked_linear_attention.chunk_outputs` with values `u`. The chunk's transition in closed
 form, `S_{n+1} = M S_n + D` with `M = exp(b_C) I - K~^T W` (`[K, K]`) and `D = K~^T U`
 (`chunk_transition`), is what sequence parallelism composes across devices; the pass does not
-form it, since forming and applying `M` costs `K x C x K + K x K x V` per chunk, more than
-the pass's `2 C x K x V` (twice as much at K = 2 C).
+form it: forming `M` and `D`, applying `M` and then computing the writes from the states
+costs `K C K + K C V + K K V + C K V` multiply-adds per chunk, twice the pass's `2 C K V` at
+K = V = C and 2.5 times at K = V = 2 C.
 
 Impls: `"reference"` (the token loop above), `"chunked"` (the chunk form, a `custom_vjp` that
 keeps only the inputs and the chunk-entering states, recomputes `U`, `W` in the backward
