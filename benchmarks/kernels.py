@@ -340,7 +340,12 @@ def main() -> None:
     rows, results = [], {"device": device.device_kind, "args": vars(arguments), "runs": {}}
     for length in map(int, arguments.lengths.split(",")):
         for op in arguments.ops.split(","):
-            op_rows, raw = bench(op, length, arguments, peak)
+            try:
+                op_rows, raw = bench(op, length, arguments, peak)
+            except Exception as error:  # one op's failure (compilation, memory) ends no others
+                message = f"{type(error).__name__}: {error}"
+                print(f"{op} T={length}: FAILED {message[:4000]}", flush=True)
+                op_rows, raw = [[op, length, "pallas", "failed", "", "", ""]], {"error": message}
             rows += op_rows
             results["runs"][f"{op}/{length}"] = raw
         op_rows, results["runs"][f"attention/{length}"] = bench_attention(length, arguments, peak)

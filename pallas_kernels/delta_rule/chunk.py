@@ -14,9 +14,10 @@ from the chunk's end `K~_s = exp(b_C - b_s) k_s`, and the UT transform
     U = T diag(beta) V,   W = T diag(beta exp(b)) K,   u = U - W S,
     o = diag(exp(b)) Q S + (E * Q K^T) u,     S_leaving = gamma S + K~^T u.
 
-Every matmul runs at full float32 precision (`HIGHEST`): the triangular inverse and the
-state pass compound rounding errors over chunks, and TF32 / one-pass bfloat16 products would
-cost about three decimal digits.
+Every matmul runs at float32-level precision (`common.dot_precision()`: `HIGHEST`, or 3xTF32
+in the compiled GPU kernels): the triangular inverse and the state pass compound rounding
+errors over chunks, and TF32 / one-pass bfloat16 products would cost about three decimal
+digits.
 """
 
 from __future__ import annotations
@@ -27,27 +28,39 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-PRECISION = (lax.Precision.HIGHEST, lax.Precision.HIGHEST)
+from pallas_kernels import common
 
 
 def dot(a: jax.Array, b: jax.Array) -> jax.Array:
     """`a @ b`, float32 accumulation."""
     return lax.dot_general(
-        a, b, (((1,), (0,)), ((), ())), precision=PRECISION, preferred_element_type=jnp.float32
+        a,
+        b,
+        (((1,), (0,)), ((), ())),
+        precision=common.dot_precision(),
+        preferred_element_type=jnp.float32,
     )
 
 
 def dot_tn(a: jax.Array, b: jax.Array) -> jax.Array:
     """`a^T @ b` without materializing the transpose."""
     return lax.dot_general(
-        a, b, (((0,), (0,)), ((), ())), precision=PRECISION, preferred_element_type=jnp.float32
+        a,
+        b,
+        (((0,), (0,)), ((), ())),
+        precision=common.dot_precision(),
+        preferred_element_type=jnp.float32,
     )
 
 
 def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
     """`a @ b^T` without materializing the transpose."""
     return lax.dot_general(
-        a, b, (((1,), (1,)), ((), ())), precision=PRECISION, preferred_element_type=jnp.float32
+        a,
+        b,
+        (((1,), (1,)), ((), ())),
+        precision=common.dot_precision(),
+        preferred_element_type=jnp.float32,
     )
 
 

@@ -161,7 +161,7 @@ def forward(q, k, v, beta, b, h0, *, scale, sizes: BlockSizes, chunk_size, inter
         _forward_kernel, scale=scale, chunk_size=chunk_size, num_chunks=num_chunks
     )
     o, states_out, final = pl.pallas_call(
-        kernel,
+        common.gpu_kernel(kernel, interpret),
         grid=(batch, heads, padded_v // tile),
         in_specs=[keys, keys, values, scalars, scalars, state],
         out_specs=[values, states, state],
@@ -206,7 +206,7 @@ def backward(
         _backward_kernel, scale=scale, chunk_size=chunk_size, num_chunks=num_chunks
     )
     dq, dk, dv, d_beta, d_b, d_h0 = pl.pallas_call(
-        kernel,
+        common.gpu_kernel(kernel, interpret),
         grid=(batch, heads, num_tiles),
         in_specs=[keys, keys, values, scalars, scalars, states_spec, values, state],
         out_specs=[key_parts, key_parts, values, scalar_parts, scalar_parts, state],

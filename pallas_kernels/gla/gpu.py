@@ -12,10 +12,12 @@ sub-chunks: one per query sub-chunk (finishes dq_i), one per key sub-chunk (fini
 dv_j), recomputing the off-diagonal scores rather than accumulating into global memory.
 
 Every block is a power of 2 (K' = next power of 2 >= max(K, 16), V_tile <= the table's value
-size) and every dot has at least 16 on each side (c = 16). Dots run at `Precision.HIGHEST`
-(IEEE float32: Triton's default for float32 is TF32, whose 10-bit mantissa is too coarse for
-the decay-factored scores); inputs may be bfloat16 and are upcast on load because they are
-multiplied by float32 decay factors before every dot.
+size) and every dot has at least 16 on each side (c = 16). Compiled, dots run as 3xTF32
+(`common.gpu_kernel`: float32-level accuracy on tensor cores; one-pass TF32, Triton's default
+for float32, has a 10-bit mantissa, too coarse for the decay-factored scores, and IEEE
+float32 dots lower to scalar FMAs), interpreted at `Precision.HIGHEST`; inputs may be
+bfloat16 and are upcast on load because they are multiplied by float32 decay factors before
+every dot.
 
 Memory (table row K <= 128: C = 64, V_tile = 64, K' = 128): the carried state is
 64 x 128 x 4 B = 32 KiB per program; a chunk's q and k ([C, K'], 32 KiB each in float32), v
@@ -40,24 +42,35 @@ from pallas_kernels import common
 
 SUB_CHUNK = 16
 _F32 = jnp.float32
-_HIGHEST = lax.Precision.HIGHEST
 
 
 def _dot(a, b):  # [m, k] x [k, n] -> [m, n]
     return lax.dot_general(
-        a, b, (((1,), (0,)), ((), ())), precision=_HIGHEST, preferred_element_type=_F32
+        a,
+        b,
+        (((1,), (0,)), ((), ())),
+        precision=common.dot_precision(),
+        preferred_element_type=_F32,
     )
 
 
 def _dot_nt(a, b):  # [m, k] x [n, k] -> [m, n]
     return lax.dot_general(
-        a, b, (((1,), (1,)), ((), ())), precision=_HIGHEST, preferred_element_type=_F32
+        a,
+        b,
+        (((1,), (1,)), ((), ())),
+        precision=common.dot_precision(),
+        preferred_element_type=_F32,
     )
 
 
 def _dot_tn(a, b):  # [k, m] x [k, n] -> [m, n]
     return lax.dot_general(
-        a, b, (((0,), (0,)), ((), ())), precision=_HIGHEST, preferred_element_type=_F32
+        a,
+        b,
+        (((0,), (0,)), ((), ())),
+        precision=common.dot_precision(),
+        preferred_element_type=_F32,
     )
 
 
@@ -290,7 +303,7 @@ def _specs(q, v, b, config):
 def _call(kernel, grid, in_specs, out_specs, out_shape, config, name):
     sizes = config.sizes
     return pl.pallas_call(
-        kernel,
+        common.gpu_kernel(kernel, config.interpret),
         grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,

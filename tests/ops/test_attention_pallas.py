@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from contract import assert_trees_close
+from exporting import interpret_mode, target
 
 from seqjax.ops import attention_pallas
 from seqjax.ops.attention import softmax_attention
@@ -35,7 +36,7 @@ def kernel_fn(kernel, causal, window, segment_ids):
         segment_ids=segment_ids,
         scale=DIM**-0.5,
         kernel=kernel,
-        interpret=True,
+        interpret=interpret_mode("gpu" if kernel == "triton" else "tpu"),
     )
 
 
@@ -105,9 +106,12 @@ def test_kernel_lowers_for_its_platform(kernel, platform):
 
     checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     for f in (fn, grad):
-        exported = jax.export.export(
-            jax.jit(f), platforms=[platform], disabled_checks=checks if kernel == "triton" else ()
-        )(shape, kv, kv)
+        with target(platform):
+            exported = jax.export.export(
+                jax.jit(f),
+                platforms=[platform],
+                disabled_checks=checks if kernel == "triton" else (),
+            )(shape, kv, kv)
         text = exported.mlir_module()
-        target = "__gpu$xla.gpu.triton" if kernel == "triton" else "tpu_custom_call"
-        assert target in text
+        custom_call = "__gpu$xla.gpu.triton" if kernel == "triton" else "tpu_custom_call"
+        assert custom_call in text

@@ -15,6 +15,7 @@ import pallas_kernels.delta_rule
 import pallas_kernels.gla
 import pallas_kernels.linear_recurrence
 import pallas_kernels.selective_scan
+from seqjax import kernels
 from seqjax.ops.delta_rule import gated_delta_rule
 from seqjax.ops.gla import gla, linear_attention
 from seqjax.ops.hgrn import hgrn
@@ -127,6 +128,15 @@ def test_packed_segments_fall_back_with_the_reason():
         o, state = linear_attention(q, k, v, segment_ids=segment_ids, impl="pallas")
     expected = linear_attention(q, k, v, segment_ids=segment_ids, impl="reference")
     assert_trees_close((o, state), expected, 2e-5, "fallback")
+
+
+def test_auto_on_gpu_skips_the_kernels_measured_slower_there(monkeypatch):
+    args = (*head_inputs()[:3], None, None)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert kernels.choose("gla", "auto", args) is None
+    assert kernels.choose("gla", "pallas", args) is pallas_kernels.gla
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert kernels.choose("gla", "auto", args) is pallas_kernels.gla
 
 
 def test_every_family_answers_an_unknown_backend_with_a_reason():

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from contract import GRAD_TOLERANCE, TOLERANCE, assert_trees_close, upcast
-from exporting import kernel_calls
+from exporting import interpret_mode, kernel_calls
 
 from pallas_kernels.delta_rule import chunk, delta_rule, unsupported
 from seqjax.ops import delta_rule as ops
@@ -53,7 +53,7 @@ def _kernel(gated: bool, backend: str, chunk_size: int | None = CHUNK):
             h0,
             scale=scale,
             backend=backend,
-            interpret=True,
+            interpret=interpret_mode(backend),
             chunk_size=chunk_size,
         )
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from contract import GRAD_TOLERANCE, TOLERANCE, assert_trees_close, cotangents_like, upcast
-from exporting import kernel_calls
+from exporting import interpret_mode, kernel_calls
 
 from pallas_kernels import gla as gla_kernel
 from seqjax.ops import gla as gla_ops
@@ -56,7 +56,11 @@ def reference(q, k, v, g, h0, scale):
     return gla_ops.gla(q, k, v, g, **options)
 
 
-def kernel(backend, chunk=CHUNK, interpret=True):
+def kernel(backend, chunk=CHUNK, interpret=None):
+    """The jitted kernel; `interpret` None: compiled on the backend's hardware, else
+    interpreted."""
+    interpret = interpret_mode(backend) if interpret is None else interpret
+
     def run(q, k, v, g, h0, scale):
         return gla_kernel.gla(
             q, k, v, g, h0, scale=scale, backend=backend, interpret=interpret, chunk_size=chunk

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from contract import GRAD_TOLERANCE, TOLERANCE, assert_trees_close
-from exporting import kernel_calls
+from exporting import interpret_mode, kernel_calls
 
 from pallas_kernels.linear_recurrence import linear_recurrence, unsupported
 from seqjax.scan.linear_recurrence import linear_recurrence as reference_scan
@@ -43,12 +43,19 @@ def tolerance(table, *arrays):
 
 
 def run_kernel(backend, reverse, chunk_size="test"):
-    """The kernel in interpret mode; `chunk_size` "test" takes `CHUNK`, None the block table."""
+    """The kernel (interpreted off its hardware); `chunk_size` "test" takes `CHUNK`, None the
+    block table."""
     chunk_size = CHUNK[backend] if chunk_size == "test" else chunk_size
 
     def run(a, b, h0):
         return linear_recurrence(
-            a, b, h0, reverse=reverse, backend=backend, interpret=True, chunk_size=chunk_size
+            a,
+            b,
+            h0,
+            reverse=reverse,
+            backend=backend,
+            interpret=interpret_mode(backend),
+            chunk_size=chunk_size,
         )
 
     return run

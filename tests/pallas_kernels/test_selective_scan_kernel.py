@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from contract import GRAD_TOLERANCE, TOLERANCE, assert_trees_close
-from exporting import kernel_calls
+from exporting import interpret_mode, kernel_calls
 
 from pallas_kernels.selective_scan import selective_scan, unsupported
 from seqjax.ops.selective_scan import selective_scan as reference_op
@@ -49,7 +49,7 @@ def run_kernel(backend, allow_neg_eigval):
             h0,
             allow_neg_eigval=allow_neg_eigval,
             backend=backend,
-            interpret=True,
+            interpret=interpret_mode(backend),
             chunk_size=CHUNK,
         )
 
@@ -162,7 +162,7 @@ def test_values_match_reference_at_other_state_sizes(backend, state_size):
 def test_values_match_reference_at_table_chunk(backend):
     """The block table's own chunk and tiles, several chunks long on both backends."""
     inputs = make_inputs(300, groups=1, width=160)
-    y, final = selective_scan(**inputs, backend=backend, interpret=True)
+    y, final = selective_scan(**inputs, backend=backend, interpret=interpret_mode(backend))
     expected = run_reference(False)(**inputs)
     assert_trees_close((y, final), expected, TOLERANCE[jnp.dtype(F32)], "(y, final)")
 
