@@ -43,8 +43,8 @@ pass and runs the pass's cotangents back through the chunks, over blocks of chun
 engine's `chunked`; what `"auto"` picks), `"parallel"`
 (the chunk form with one chunk as long as the sequence, differentiated by JAX; O(T^2) memory
 and an O(T^3) solve, for short sequences and as a second reference), and `"pallas"` (the
-kernels of `pallas_kernels.delta_rule`, see `seqjax.kernels`: what `"auto"` picks on TPU and
-GPU; packed segments fall back to `"chunked"`). The chunked and Pallas impls support
+kernels of `pallas_kernels.delta_rule`, see `seqjax.kernels`: what `"auto"` picks on TPU;
+packed segments fall back to `"chunked"`). The chunked and Pallas impls support
 reverse-mode differentiation only.
 """
 
@@ -129,8 +129,7 @@ def ut_transform(
     segment start (those tokens do not see the entering state).
     """
     pairs = engine.pair_mask(counts, k.shape[3], strict=True)
-    log_weight = pot.query[..., :, None, 0] - pot.key[..., None, :, 0]
-    a = jnp.einsum("bhntk,bhnsk->bhnts", k, k) * engine.masked_exp(log_weight, pairs)
+    a = jnp.einsum("bhntk,bhnsk->bhnts", k, k) * engine.pair_weights(pot, pairs)
     beta = beta[..., None]
     return solve_unit_lower(beta * a, beta * v, beta * engine.entering_weight(pot, counts) * k)
 
@@ -476,7 +475,7 @@ def delta_rule(
       initial_state: `[B, H, K, V]`; None: zeros.
       segment_ids: `[B, T]` ints; the state restarts at every new segment.
       impl: `"reference"`, `"chunked"`, `"parallel"`, `"pallas"` or `"auto"` (`"pallas"` on
-        TPU and GPU, else `"chunked"`).
+        TPU, else `"chunked"`; see `seqjax.kernels.SLOWER_ON_GPU`).
       chunk_size: tokens per chunk of `"chunked"` (the kernels take theirs from
         `pallas_kernels.blocks`).
 

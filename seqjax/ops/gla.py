@@ -17,7 +17,7 @@ chunkwise-parallel engine of `seqjax.ops.chunked_linear_attention`, with a `cust
 stores only the chunk-entering states; what `"auto"` picks), and `"parallel"` (the quadratic
 masked form `O = ((Q K^T) * decay mask) V`, one chunk as long as the sequence, differentiated
 by JAX; for short sequences and as a second reference), and `"pallas"` (the kernels of
-`pallas_kernels.gla`, see `seqjax.kernels`: what `"auto"` picks on TPU and GPU; packed
+`pallas_kernels.gla`, see `seqjax.kernels`: what `"auto"` picks on TPU; packed
 segments fall back to `"chunked"`). The chunked and Pallas impls support reverse-mode
 differentiation only.
 """
@@ -91,20 +91,21 @@ def _reference(q, k, v, log_decay, initial_state, segment_ids):
     return o, final
 
 
-def _chunked_form(q, k, v, log_decay, initial_state, segment_ids, chunk_size, parallel):
+def _chunked_form(q, k, v, log_decay, scale, initial_state, segment_ids, chunk_size, parallel):
     length = q.shape[1]
     size = length if parallel else min(chunk_size, length)
-    pot = engine.decay_potentials(log_decay, size)
     counts = engine.segment_counts(segment_ids, length, size)
     if parallel:
-        q, k, v = (engine.to_chunks(x, size) for x in (q, k, v))
+        pot = engine.decay_potentials(log_decay, size)
+        q, k, v = (engine.to_chunks(x, size) for x in (q * scale, k, v))
         states, final = engine.pass_states(
             *engine.chunk_summaries(k, v, pot, counts), initial_state
         )
         o = engine.chunk_outputs(q, k, v, pot, counts, states, tile=None)
         return engine.from_chunks(o, length), final
-    q, k, v = (engine.time_chunks(x, size) for x in (q, k, v))
-    o, final, _ = engine.chunked(q, k, v, pot, initial_state, counts, engine.TILE)
+    q, k, v, log_decay = (engine.time_chunks(x, size) for x in (q, k, v, log_decay))
+    scale = jnp.asarray(scale, q.dtype)
+    o, final, _ = engine.chunked(q, k, v, log_decay, initial_state, counts, engine.TILE, scale)
     return engine.from_time_chunks(o, length), final
 
 
@@ -134,14 +135,14 @@ def _run(q, k, v, log_decay, scale, initial_state, segment_ids, impl, chunk_size
         return kernel.gla(*args, scale=scale, chunk_size=None, **kernels.options())
     inputs = [q, k, v] + [x for x in (log_decay, initial_state) if x is not None]
     acc = accumulation_dtype(*(x.dtype for x in inputs))
-    q, k, v = q.astype(acc) * scale, k.astype(acc), v.astype(acc)
+    q, k, v = q.astype(acc), k.astype(acc), v.astype(acc)
     log_decay, initial_state = _decay_and_state(log_decay, initial_state, k, v, acc)
     if impl == "reference":
-        o, final = _reference(q, k, v, log_decay, initial_state, segment_ids)
+        o, final = _reference(q * scale, k, v, log_decay, initial_state, segment_ids)
     else:
         parallel = impl == "parallel"
         o, final = _chunked_form(
-            q, k, v, log_decay, initial_state, segment_ids, chunk_size, parallel
+            q, k, v, log_decay, scale, initial_state, segment_ids, chunk_size, parallel
         )
     return o, final
 
@@ -168,7 +169,7 @@ def linear_attention(
       initial_state: `[B, H, K, V]` (a `LinearAttentionState` when normalizing); None: zeros.
       segment_ids: `[B, T]` ints; the state restarts at every new segment.
       impl: `"reference"`, `"chunked"`, `"parallel"`, `"pallas"` or `"auto"` (`"pallas"` on
-        TPU and GPU, else `"chunked"`).
+        TPU, else `"chunked"`; see `seqjax.kernels.SLOWER_ON_GPU`).
       chunk_size: tokens per chunk of `"chunked"` (the kernels take theirs from
         `pallas_kernels.blocks`).
 

@@ -203,7 +203,7 @@ def _augmented_state(state: MLSTMState) -> jax.Array:
     return engine.with_key_sum(state.C, state.n)
 
 
-def _chunked_form(q, k, v, i, f, initial_state, segment_ids, chunk_size, parallel):
+def _chunked_form(q, k, v, i, f, scale, initial_state, segment_ids, chunk_size, parallel):
     length = q.shape[1]
     size = length if parallel else min(chunk_size, length)
     log_forget, i = _chunk_gates(jax.nn.log_sigmoid(f), i, size)
@@ -212,11 +212,11 @@ def _chunked_form(q, k, v, i, f, initial_state, segment_ids, chunk_size, paralle
     q, k, v = (engine.time_chunks(x, size) for x in (q, k, engine.with_ones_column(v)))
     state = _augmented_state(initial_state)
     if parallel:
-        q, k, v = (engine.heads_first(x) for x in (q, k, v))
+        q, k, v = (engine.heads_first(x) for x in (q * scale, k, v))
         states, final = engine.pass_states(*engine.chunk_summaries(k, v, pot, counts), state)
         o = engine.heads_last(engine.chunk_outputs(q, k, v, pot, counts, states, tile=None))
     else:
-        o, final, _ = engine.chunked(q, k, v, pot, state, counts, None)
+        o, final, _ = engine.chunked(q, k, v, pot, state, counts, None, jnp.asarray(scale, q.dtype))
     o, m = engine.from_time_chunks(o, length), engine.from_chunks(m, length)
     h = _normalized(o[..., :-1], o[..., -1], m)
     return h, MLSTMState(final[..., :-1], final[..., -1], m[:, -1])
@@ -271,7 +271,7 @@ def mlstm(
         h, final = _reference(q * scale, k, v, i, f, state, segment_ids)
     else:
         parallel = impl == "parallel"
-        h, final = _chunked_form(q * scale, k, v, i, f, state, segment_ids, chunk_size, parallel)
+        h, final = _chunked_form(q, k, v, i, f, scale, state, segment_ids, chunk_size, parallel)
     return h.astype(out_dtype), final
 
 

@@ -19,10 +19,15 @@ from contract import (
     run,
 )
 from test_delta_rule import delta_spec
-from test_gla import GLA_SPEC, SIMPLE_GLA_SPEC, STRONG_DECAY_GLA_SPEC
+from test_gla import CHUNK as GLA_CHUNK
+from test_gla import GLA_SPEC, SIMPLE_GLA_SPEC, STRONG_DECAY_GLA_SPEC, make_gla_inputs
+from test_mlstm import CHUNK as MLSTM_CHUNK
 from test_mlstm import MLSTM_SPEC
+from test_mlstm import make_inputs as make_mlstm_inputs
 
 from seqjax.ops import chunked_linear_attention as engine
+from seqjax.ops.gla import gla
+from seqjax.ops.mlstm import mlstm
 
 SPECS = {
     "gla": GLA_SPEC,
@@ -59,4 +64,33 @@ def test_blocks_match_reference(name):
         gradients(spec, "reference", problem, weights),
         GRAD_TOLERANCE[jnp.dtype(jnp.float32)] * spec.tolerance_scale,
         "d(loss)/d(inputs, initial_state)",
+    )
+
+
+@pytest.mark.parametrize(
+    "op, chunk, make_inputs",
+    [
+        (gla, GLA_CHUNK, make_gla_inputs),
+        pytest.param(mlstm, MLSTM_CHUNK, make_mlstm_inputs, marks=pytest.mark.slow),
+    ],
+)
+def test_gradient_with_respect_to_a_traced_scale_sums_over_blocks(op, chunk, make_inputs):
+    # The engine applies the query scale inside each block: a learned (traced) scale gets
+    # its gradient there, accumulated over the blocks of the reverse pass.
+    inputs = make_inputs(jax.random.key(5), 1, 4 * chunk + 3, jnp.float32)
+    names = list(inputs)
+
+    def loss(impl):
+        def f(scale, *args):
+            o, final = op(*args, scale=scale, impl=impl, chunk_size=chunk)
+            return jnp.sum(o * jnp.cos(o)) + sum(jnp.sum(x) for x in jax.tree.leaves(final))
+
+        return jax.jit(jax.value_and_grad(f, argnums=tuple(range(len(names) + 1))))
+
+    args = (jnp.float32(0.7), *(inputs[name] for name in names))
+    assert_trees_close(
+        loss("chunked")(*args),
+        loss("reference")(*args),
+        GRAD_TOLERANCE[jnp.dtype(jnp.float32)],
+        "(loss, d(loss)/d(scale, inputs))",
     )

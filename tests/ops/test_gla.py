@@ -259,6 +259,29 @@ def test_the_three_intra_chunk_forms_agree(tile, strength):
         assert_trees_close(factored, log_space, 1e-5, "factored vs log-space scores")
 
 
+def test_scalar_pair_weights_factored_and_per_pair_agree(monkeypatch):
+    # Per-head potentials with an input-gate-like offset on the keys (mLSTM's potentials are
+    # not monotone), a cumulative decay of up to exp(-19) across a chunk, packed segments.
+    kg, ki = jax.random.split(jax.random.key(9))
+    pot = engine.decay_potentials(-0.3 * jax.random.uniform(kg, (2, 64, H, 1)), 64)
+    pot = pot._replace(key=pot.key - jax.random.uniform(ki, pot.key.shape))
+    ids = jnp.asarray(np.repeat([[0, 1, 2, 3]], 16, axis=1).repeat(2, axis=0))
+    mask = engine.pair_mask(engine.segment_counts(ids, 64, 64), 64)
+
+    def weights_and_gradients(limit):
+        monkeypatch.setattr(engine, "FACTORED_EXPONENT_LIMIT", limit)
+
+        def f(query, key):
+            out = engine.pair_weights(pot._replace(query=query, key=key), mask)
+            return jnp.sum(out * jnp.cos(out))
+
+        return jax.value_and_grad(f, argnums=(0, 1))(pot.query, pot.key)
+
+    # A limit above every spread forces the outer product; a negative one the per-pair exps.
+    factored, per_pair = weights_and_gradients(1e3), weights_and_gradients(-1.0)
+    assert_trees_close(factored, per_pair, 1e-5, "factored vs per-pair weights and gradients")
+
+
 def test_retention_and_lightning_build_the_papers_decays():
     np.testing.assert_allclose(
         np.exp(retention_log_decays(4)), [1 - 2**-5, 1 - 2**-6, 1 - 2**-7, 1 - 2**-8], rtol=1e-6
