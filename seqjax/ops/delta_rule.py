@@ -423,10 +423,12 @@ def _prepare(k, v, g, beta, initial_state, extra=()):
     batch, length, heads, key_dim = k.shape
     present = [x for x in (k, v, g, beta, initial_state, *extra) if x is not None]
     acc = accumulation_dtype(*(x.dtype for x in present))
+    # Zeros typed like k: under `shard_map` they vary over k's manual axes, as the
+    # cotangents that `chunked` returns for them do.
     if g is None:
-        g = jnp.zeros((batch, length, heads), acc)
+        g = jnp.zeros_like(k, acc, shape=(batch, length, heads))
     if initial_state is None:
-        initial_state = jnp.zeros((batch, heads, key_dim, v.shape[-1]), acc)
+        initial_state = jnp.zeros_like(k, acc, shape=(batch, heads, key_dim, v.shape[-1]))
     return acc, (x.astype(acc) for x in (k, v, g, beta, initial_state))
 
 

@@ -104,7 +104,9 @@ def _chunked_form(q, k, v, log_decay, scale, initial_state, segment_ids, chunk_s
         o = engine.chunk_outputs(q, k, v, pot, counts, states, tile=None)
         return engine.from_chunks(o, length), final
     q, k, v, log_decay = (engine.time_chunks(x, size) for x in (q, k, v, log_decay))
-    scale = jnp.asarray(scale, q.dtype)
+    # A scalar typed like q: under `shard_map` it then varies over q's manual axes, as the
+    # cotangent that `chunked` returns for it does.
+    scale = jnp.full_like(q, scale, shape=())
     o, final, _ = engine.chunked(q, k, v, log_decay, initial_state, counts, engine.TILE, scale)
     return engine.from_time_chunks(o, length), final
 
@@ -113,10 +115,12 @@ def _decay_and_state(log_decay, initial_state, k, v, acc):
     """`log_decay: [B, T, H, G]` (zeros, G = 1, when None) and the initial state (zeros when
     None), both in the accumulation dtype."""
     batch, length, heads, key_dim = k.shape
+    # Zeros typed like k: under `shard_map` they vary over k's manual axes, as the
+    # cotangents that `engine.chunked` returns for them do.
     if log_decay is None:
-        log_decay = jnp.zeros((batch, length, heads, 1), acc)
+        log_decay = jnp.zeros_like(k, acc, shape=(batch, length, heads, 1))
     if initial_state is None:
-        initial_state = jnp.zeros((batch, heads, key_dim, v.shape[-1]), acc)
+        initial_state = jnp.zeros_like(k, acc, shape=(batch, heads, key_dim, v.shape[-1]))
     return log_decay.astype(acc), initial_state.astype(acc)
 
 

@@ -216,7 +216,8 @@ def _chunked_form(q, k, v, i, f, scale, initial_state, segment_ids, chunk_size, 
         states, final = engine.pass_states(*engine.chunk_summaries(k, v, pot, counts), state)
         o = engine.heads_last(engine.chunk_outputs(q, k, v, pot, counts, states, tile=None))
     else:
-        o, final, _ = engine.chunked(q, k, v, pot, state, counts, None, jnp.asarray(scale, q.dtype))
+        scale = jnp.full_like(q, scale, shape=())  # typed like q: see `seqjax.ops.gla`
+        o, final, _ = engine.chunked(q, k, v, pot, state, counts, None, scale)
     o, m = engine.from_time_chunks(o, length), engine.from_chunks(m, length)
     h = _normalized(o[..., :-1], o[..., -1], m)
     return h, MLSTMState(final[..., :-1], final[..., -1], m[:, -1])
