@@ -546,7 +546,7 @@ def chunked(
     scale: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The chunked recurrence on `q, k: [B, N, C, H, K]`, `v: [B, N, C, H, V]` (`time_chunks`),
-    `gates`, `counts` (from `segment_counts`, or None) in the engine's layout,
+    `gates` (below), `counts` (from `segment_counts`, or None) in the engine's layout,
     `initial_state: [B, H, K, V]`, and the scalar `scale` of the queries (applied per block,
     where it costs no pass over memory of its own: 8% of GLA's forward at K = 64).
 
